@@ -1,0 +1,36 @@
+"""Model families (one file each) and the registry that picks one from `config.architectures`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.attention import AttentionMetadata, KVPages
+from jaxllm.config import ARCHITECTURES, ConfigError, ModelConfig
+from jaxllm.models.gemma import GemmaForCausalLM
+from jaxllm.models.layers import CausalLM
+from jaxllm.models.llama import LlamaForCausalLM
+
+FAMILIES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
+
+
+def build_model(config: ModelConfig, dtype, backend: str = "auto") -> CausalLM:
+    """The Flax module for this config's architecture (the supported ones are config.ARCHITECTURES)."""
+    if config.architecture not in ARCHITECTURES:
+        raise ConfigError(f"architecture {config.architecture!r} is not supported; "
+                          f"supported: {', '.join(ARCHITECTURES)}")
+    return FAMILIES[config.family](config, dtype=dtype, backend=backend)
+
+
+def abstract_params(module: CausalLM) -> dict:
+    """The parameter tree of `module` as shapes/dtypes with logical axis names (boxed), computing nothing."""
+    c = module.config
+    one = jax.ShapeDtypeStruct((1,), jnp.int32)
+    page = jax.ShapeDtypeStruct((1, 1, c.num_kv_heads, c.head_dim), module.dtype)
+    md = AttentionMetadata(slot_mapping=one, block_tables=jax.ShapeDtypeStruct((1, 1), jnp.int32), seq_lens=one,
+                           query_start_loc=jax.ShapeDtypeStruct((2,), jnp.int32), max_query_len=1)
+    kv = [KVPages(page, page)] * c.num_layers
+    return jax.eval_shape(module.init, jax.random.key(0), one, one, kv, md)["params"]
+
+
+__all__ = ["abstract_params", "build_model", "CausalLM", "FAMILIES"]

@@ -1,0 +1,219 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embeddings, attention, gated MLP, the LM stack.
+
+Shapes: a step's tokens are flattened across sequences (`[num_tokens, ...]`); there is no batch axis.
+Parameters carry logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, norm) that
+jaxllm.sharding maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.attention import AttentionMetadata, KVPages, paged_attention
+from jaxllm.config import ModelConfig, RopeConfig
+
+Dtype = Any
+
+
+def _init(names: tuple[str, ...], init=nn.initializers.normal(0.02)):
+    return nn.with_logical_partitioning(init, names)
+
+
+def dense(features, names: tuple[str, ...], use_bias: bool, dtype: Dtype, name: str, axis=-1) -> nn.DenseGeneral:
+    """A linear layer whose kernel is `[*in_axes, *out_axes]` with logical axis `names`."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+                           kernel_init=_init(names), bias_init=_init(names[-n_out:], nn.initializers.zeros),
+                           name=name)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32. Llama style: `w * norm(x)`; Gemma style (`plus_one`): `norm(x) * (1 + w)`."""
+
+    dim: int
+    eps: float
+    plus_one: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", _init(("norm",), init), (self.dim,), self.dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return scale * y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (non-interleaved halves, as Hugging Face lays out q/k).
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies `[dim // 2]` (float32, as transformers computes them) and the cos/sin scale."""
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+    scaling = 1.0
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif rope.rope_type == "yarn":
+        inv_freq, scaling = _yarn(rope, dim)
+    if rope.freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(rope.freq_factors, np.float32)
+    return inv_freq.astype(np.float32), float(scaling)
+
+
+def _yarn(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, base = rope.factor, rope.theta
+    if rope.attention_factor is not None:
+        attention_factor = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:
+        attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+    else:
+        attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq.astype(np.float32), attention_factor
+
+
+def rope_cos_sin(positions: jax.Array, rope: RopeConfig, dim: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: [num_tokens, dim // 2] float32 for integer `positions` [num_tokens]."""
+    inv_freq, scaling = rope_inv_freq(rope, dim)
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    return jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x: [num_tokens, num_heads, head_dim] by per-token angles (cos, sin: [num_tokens, head_dim // 2])."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """GQA self-attention over the paged KV cache: project, (q/k norm), rotate, write pages, attend, project."""
+
+    config: ModelConfig
+    layer_idx: int
+    dtype: Dtype
+    backend: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv: KVPages,
+                 md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
+        c = self.config
+        q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c.qkv_bias, self.dtype, "q_proj")(x)
+        k = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, self.dtype,
+                  "k_proj")(x)
+        v = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, self.dtype,
+                  "v_proj")(x)
+        if c.qk_norm:  # Qwen3, Gemma 3: RMSNorm over head_dim before the rotation
+            q = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="q_norm")(q)
+            k = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="k_norm")(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out, kv = paged_attention(q, k, v, kv, md, scale=c.attention_scale,
+                                  sliding_window=c.sliding_windows[self.layer_idx],
+                                  soft_cap=c.attn_logit_softcap, backend=self.backend)
+        out = dense(c.hidden_size, ("heads", "head_dim", "embed"), c.o_bias, self.dtype, "o_proj", axis=(-2, -1))(out)
+        return out, kv
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): [num_tokens, embed] -> [num_tokens, embed]."""
+
+    config: ModelConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        gate = dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, "gate_proj")(x)
+        up = dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, "up_proj")(x)
+        return dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, self.dtype, "down_proj")(
+            ACTIVATIONS[c.hidden_act](gate) * up)
+
+
+class CausalLM(nn.Module):
+    """Embed -> decoder layers (over the paged KV cache) -> final norm -> logits.
+
+    A family subclasses this and names its decoder layer; the layer is where the families differ.
+    __call__(input_ids [num_tokens], positions [num_tokens], kv_caches [one KVPages per layer], md,
+    logits_indices [n] or None) -> (logits [n or num_tokens, vocab] float32, new kv_caches).
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    backend: str = "auto"
+
+    layer_cls: ClassVar[type[nn.Module]]
+    scale_embeddings: ClassVar[bool] = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[KVPages],
+                 md: AttentionMetadata, logits_indices: jax.Array | None = None
+                 ) -> tuple[jax.Array, list[KVPages]]:
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         embedding_init=_init(("vocab", "embed")), name="embed_tokens")
+        x = embed(input_ids)  # [num_tokens, embed]
+        if self.scale_embeddings:
+            x = x * jnp.asarray(c.hidden_size ** 0.5, self.dtype)
+        ropes = {r: rope_cos_sin(positions, r, c.head_dim) for r in dict.fromkeys(c.ropes)}
+        new_caches = []
+        for i in range(c.num_layers):
+            x, kv = self.layer_cls(c, i, self.dtype, self.backend, name=f"layers_{i}")(x, ropes[c.ropes[i]],
+                                                                                         kv_caches[i], md)
+            new_caches.append(kv)
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="norm")(x)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        if c.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = dense(c.vocab_size, ("embed", "vocab"), False, self.dtype, "lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if c.final_logit_softcap is not None:
+            logits = c.final_logit_softcap * jnp.tanh(logits / c.final_logit_softcap)
+        return logits, new_caches

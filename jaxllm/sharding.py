@@ -1,0 +1,49 @@
+"""Device mesh and the logical-axis rules that turn parameter annotations into shardings.
+
+Model code names axes logically (vocab, embed, heads, kv_heads, head_dim, mlp, norm); the rules below
+map them to mesh axes. The default mesh is one device, so every rule resolves to "replicated"; tensor
+parallelism is a bigger `model` axis, without touching the models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "model")
+
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", "model"),
+    ("embed", None),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("mlp", "model"),
+    ("norm", None),
+)
+
+
+def make_mesh(tensor_parallel_size: int = 1, devices: list | None = None) -> Mesh:
+    """A (data=1, model=tensor_parallel_size) mesh over the first devices of the default backend."""
+    devices = devices if devices is not None else jax.devices()
+    if tensor_parallel_size > len(devices):
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but only {len(devices)} device(s) are visible")
+    return Mesh(np.asarray(devices[:tensor_parallel_size]).reshape(1, tensor_parallel_size), MESH_AXES)
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of logically partitioned (boxed) abstract parameters."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params), mesh, LOGICAL_RULES)
+
+
+def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
+    """KV pages [num_pages, page_size, num_kv_heads, head_dim]: kv heads split across the model axis."""
+    return NamedSharding(mesh, PartitionSpec(None, None, "model", None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
