@@ -212,12 +212,19 @@ def resolve_dtype(dtype: str | Any, model_config: ModelConfig, platform: str) ->
             return jnp.float32
         name = model_config.checkpoint_dtype
         return DTYPES.get(name, jnp.bfloat16) if name != "float32" else jnp.bfloat16
+    return DTYPES[check_dtype(dtype)]
+
+
+def check_dtype(dtype: str | Any) -> str:
+    """The canonical name of a requested dtype ("auto" stays "auto"); unsupported ones raise ConfigError."""
+    if dtype is None or dtype == "auto":
+        return "auto"
     if not isinstance(dtype, str):
         dtype = jnp.dtype(dtype).name
     name = DTYPE_ALIASES.get(dtype, dtype)
     if name not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return name
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ peaked and greedy decoding is not decided by rounding noise.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -61,16 +62,17 @@ def build_tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:
     return fast
 
 
-def make_config(variant: str) -> transformers.PretrainedConfig:
+def make_config(variant: str, **overrides) -> transformers.PretrainedConfig:
     cls, extra = VARIANTS[variant]
-    return cls(**COMMON, **extra, architectures=[ARCHITECTURE[cls]], initializer_range=0.08)
+    kwargs = {**COMMON, **extra, **overrides}
+    return cls(**kwargs, architectures=[ARCHITECTURE[cls]], initializer_range=0.08)
 
 
 def build_model(variant: str, path: Path, tokenizer, *, dtype: torch.dtype = torch.float32,
-                max_shard_size: str | None = None, seed: int = 0) -> torch.nn.Module:
+                max_shard_size: str | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random model of `variant` saved (safetensors + tokenizer) to `path`; returns it in float32."""
     torch.manual_seed(seed)
-    config = make_config(variant)
+    config = make_config(variant, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # wider weights -> peaked logits; norms random around their identity value
         for name, p in model.named_parameters():
@@ -79,9 +81,9 @@ def build_model(variant: str, path: Path, tokenizer, *, dtype: torch.dtype = tor
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.to(dtype).save_pretrained(str(path), **kwargs)
+    copy.deepcopy(model).to(dtype).save_pretrained(str(path), **kwargs)
     tokenizer.save_pretrained(str(path))
-    return model.float()
+    return model
 
 
 def hf_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:

@@ -175,6 +175,16 @@ class GatedMLP(nn.Module):
             ACTIVATIONS[c.hidden_act](gate) * up)
 
 
+class DecoderLayer(nn.Module):
+    """What every family's decoder layer is given; a family defines
+    __call__(x [num_tokens, embed], rope (cos, sin), kv: KVPages, md) -> (x, kv)."""
+
+    config: ModelConfig
+    layer_idx: int
+    dtype: Dtype
+    backend: str
+
+
 class CausalLM(nn.Module):
     """Embed -> decoder layers (over the paged KV cache) -> final norm -> logits.
 
@@ -187,7 +197,7 @@ class CausalLM(nn.Module):
     dtype: Dtype = jnp.float32
     backend: str = "auto"
 
-    layer_cls: ClassVar[type[nn.Module]]
+    layer_cls: ClassVar[type[DecoderLayer]]
     scale_embeddings: ClassVar[bool] = False  # Gemma multiplies embeddings by sqrt(hidden_size)
 
     @nn.compact

@@ -6,22 +6,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 
 from jaxllm.attention import AttentionMetadata, KVPages
-from jaxllm.config import ModelConfig
-from jaxllm.models.layers import Attention, CausalLM, GatedMLP, RMSNorm
+from jaxllm.models.layers import Attention, CausalLM, DecoderLayer, GatedMLP, RMSNorm
 
 
-class LlamaDecoderLayer(nn.Module):
-    config: ModelConfig
-    layer_idx: int
-    dtype: Any
-    backend: str
-
+class LlamaDecoderLayer(DecoderLayer):
     @nn.compact
     def __call__(self, x: jax.Array, rope, kv: KVPages, md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
         c = self.config

@@ -12,10 +12,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
-from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, resolve_dtype
+from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype, resolve_dtype
 from jaxllm.models import CausalLM, abstract_params, build_model
 from jaxllm.sharding import make_mesh, param_shardings
 from jaxllm.tokenizer import generation_eos_ids, load_hf_tokenizer
@@ -44,6 +45,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
                mesh: Mesh | None = None, revision: str | None = None, attention_backend: str = "auto"
                ) -> LoadedModel:
     """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`."""
+    check_dtype(dtype)
     source = resolve_model(model, revision)
     mesh = mesh or make_mesh()
     platform = mesh.devices.flat[0].platform
@@ -65,7 +67,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
     if source.kind == "jaxllm":
-        params = restore_params(source.path, _unbox(abstract), shardings)
+        params = restore_params(source.path, nn.unbox(abstract), shardings)
     else:
         builder = ParamTreeBuilder(config, abstract, shardings, module.dtype, str(source.path))
         tensors = (gguf.tensors(config.num_heads, config.num_kv_heads) if gguf is not None
@@ -102,12 +104,6 @@ def _read_hf_config(model_dir: Path) -> Any:
         raise ConfigError(f"{model_dir / 'config.json'}: {e}") from e
     except OSError as e:  # unreadable or invalid JSON
         raise ModelLoadError(f"{model_dir / 'config.json'} could not be read ({e})") from e
-
-
-def _unbox(tree: Any) -> Any:
-    import flax.linen as nn
-
-    return nn.unbox(tree)
 
 
 __all__ = ["LoadedModel", "load_model", "convert_checkpoint"]

@@ -108,11 +108,22 @@ class GGUFModel:
             head_dim = kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
             big = kw["num_hidden_layers"] in (46, 62)
             kw["query_pre_attn_scalar"] = kw["hidden_size"] // kw["num_attention_heads"] if big else head_dim
+        if arch in ("gemma2", "gemma3"):
+            kw["layer_types"] = self._layer_types(kw["num_hidden_layers"], default_period=6 if arch == "gemma3" else 2)
         if arch == "gemma3":
             kw["rope_local_base_freq"] = 10000.0
             kw.setdefault("final_logit_softcapping", None)
             kw.setdefault("attn_logit_softcapping", None)
         return CONFIG_MAPPING[model_type](**kw)
+
+    def _layer_types(self, num_layers: int, default_period: int) -> list[str]:
+        """Sliding/global per layer: llama.cpp's pattern key (a period, or one flag per layer), else its default."""
+        pattern = self.metadata.get(f"{self.arch}.attention.sliding_window_pattern", default_period)
+        if isinstance(pattern, list):
+            sliding = [bool(p) for p in pattern]
+        else:  # every `pattern`-th layer is global
+            sliding = [(i + 1) % int(pattern) != 0 for i in range(num_layers)]
+        return ["sliding_attention" if s else "full_attention" for s in sliding]
 
     def rope_freq_factors(self) -> tuple[float, ...] | None:
         """Llama 3.1-style rope scaling as llama.cpp stores it: a `rope_freqs` tensor dividing inv_freq."""
