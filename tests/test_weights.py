@@ -281,3 +281,24 @@ def test_modelscope_switch_without_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "modelscope", None)  # as if not installed
     with pytest.raises(ModelLoadError, match="needs the modelscope package"):
         load_model("org/some-model")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_loading_streams_one_tensor_at_a_time(fmt, tiny_model, tmp_path):
+    """Host allocations while loading (tensor copies, plus a few MB of Python objects) stay far below the model."""
+    import tracemalloc
+
+    path, hf = tiny_model("llama2", num_hidden_layers=8, hidden_size=256, intermediate_size=1024)
+    if fmt == "gguf":
+        path = write_gguf(hf, path, tmp_path / "m.gguf")
+    total = sum(p.numel() * 4 for p in hf.parameters())
+    largest = max(p.numel() * 4 for p in hf.parameters())
+    load_model(path, dtype="float32")  # warm the imports and caches out of the measurement
+    tracemalloc.start()
+    try:
+        loaded = load_model(path, dtype="float32")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(x.nbytes for x in jax.tree.leaves(loaded.params)) == total
+    assert largest < total / 24 and peak < total / 3, (peak, largest, total)
