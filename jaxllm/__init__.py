@@ -1,5 +1,10 @@
 """jaxllm: LLM inference in JAX. `LLM(model).generate(prompts, SamplingParams(...))`, as in vLLM."""
 
+import os
+
+# transformers is used for configs and tokenizers only; its advice that torch is missing is noise here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from jaxllm.config import ConfigError, EngineConfig, JaxLLMError, ModelConfig, ModelLoadError
 from jaxllm.engine import LLM
 from jaxllm.sampling import CompletionOutput, RequestOutput, SamplingParams
