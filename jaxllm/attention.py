@@ -2,7 +2,13 @@
 
 One step's batch is ragged (vLLM's vocabulary): `num_tokens` query tokens from `num_seqs` sequences,
 each sequence reading and writing the pages of its block table. The model calls `paged_attention`; which
-implementation runs is chosen here, from `attention_backend`, and nowhere else.
+implementation runs, and so which KV page layout is allocated, is decided here once per engine
+(`resolve_backend`), never per step:
+
+    backend      runs                                               KV pages (per layer, K and V)
+    reference    jnp gather + softmax (pallas_kernels/.../reference.py)  [num_pages, page_size, kv_heads, head_dim]
+    pallas-gpu   the Pallas GPU kernel (Triton lowering)                 [kv_heads, num_pages, page_size, head_dim]
+    pallas-interpret  the same kernel in Pallas interpret mode (CPU tests)    as pallas-gpu
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.paged_attention import reference
+from pallas_kernels.paged_attention import gpu, reference
+
+BACKENDS = ("reference", "pallas-gpu", "pallas-interpret")
 
 
 @struct.dataclass
@@ -35,16 +44,45 @@ class AttentionMetadata:
 
 
 class KVPages(NamedTuple):
-    """One layer's KV cache: k, v: [num_pages, page_size, num_kv_heads, head_dim]."""
+    """One layer's KV cache, k and v in the backend's layout (see the module docstring)."""
 
     k: jax.Array
     v: jax.Array
 
 
-def allocate_kv_pages(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                      dtype, sharding: jax.sharding.Sharding | None = None) -> list[KVPages]:
+def resolve_backend(requested: str, platform: str) -> str:
+    """"auto": Pallas on GPU, the reference elsewhere (no TPU kernel yet); "pallas": the kernel, in interpret
+    mode on CPU; "reference": the jnp oracle."""
+    if requested == "auto":
+        return "pallas-gpu" if platform == "gpu" else "reference"
+    if requested == "pallas":
+        if platform == "gpu":
+            return "pallas-gpu"
+        if platform == "cpu":
+            return "pallas-interpret"
+        raise ValueError(f"attention_backend='pallas' has no kernel for platform {platform!r} yet; use 'reference'")
+    if requested in BACKENDS:
+        return requested
+    raise ValueError(f"attention_backend must be auto, pallas or reference, got {requested!r}")
+
+
+def kv_pages_shape(backend: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple:
+    if backend == "reference":
+        return (num_pages, page_size, num_kv_heads, head_dim)
+    return (num_kv_heads, num_pages, page_size, head_dim)
+
+
+def kv_cache_sharding(backend: str, mesh: Mesh) -> NamedSharding:
+    """KV heads split across the mesh's model axis, wherever the layout puts them."""
+    spec = PartitionSpec(None, None, "model", None) if backend == "reference" else PartitionSpec("model")
+    return NamedSharding(mesh, spec)
+
+
+def allocate_kv_pages(backend: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                      head_dim: int, dtype, mesh: Mesh | None = None) -> list[KVPages]:
     """Zero-filled page pools, one per layer, created directly on the device (or its shards)."""
-    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    shape = kv_pages_shape(backend, num_pages, page_size, num_kv_heads, head_dim)
+    sharding = kv_cache_sharding(backend, mesh) if mesh is not None else None
     zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     return [KVPages(zeros(), zeros()) for _ in range(num_layers)]
 
@@ -65,10 +103,11 @@ def paged_attention(
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
     """
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"unknown attention backend {backend!r}")
-    k_pages, v_pages = reference.write_kv(kv.k, kv.v, k, v, md.slot_mapping)
-    out = reference.ragged_paged_attention(
-        q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
-        max_query_len=md.max_query_len, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    impl = reference if backend == "reference" else gpu
+    k_pages, v_pages = impl.write_kv(kv.k, kv.v, k, v, md.slot_mapping)
+    kwargs = dict(max_query_len=md.max_query_len, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if backend != "reference":
+        kwargs["interpret"] = backend == "pallas-interpret"
+    out = impl.ragged_paged_attention(q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
+                                      **kwargs)
     return out, KVPages(k_pages, v_pages)

@@ -25,7 +25,7 @@ ARCHITECTURES: dict[str, str] = {
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
-ATTENTION_BACKENDS = ("auto", "reference")
+ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
                  "half": "float16", "float": "float32"}
@@ -247,7 +247,7 @@ class EngineConfig:
             self.attention_backend = env_backend
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
-                              f"got {self.attention_backend!r} (the Pallas kernels arrive in a later release)")
+                              f"got {self.attention_backend!r}")
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -18,7 +18,6 @@ import numpy as np
 from jaxllm.attention import AttentionMetadata, KVPages, allocate_kv_pages
 from jaxllm.config import EngineConfig
 from jaxllm.kv_cache import num_pages_for
-from jaxllm.sharding import kv_cache_sharding
 from jaxllm.weights import LoadedModel
 
 MIN_TOKEN_BUCKET = 8
@@ -96,8 +95,8 @@ class ModelRunner:
                              f" KV pages but the pool has {self.num_pages}; lower max_model_len or raise num_kv_pages")
         self.max_pages_per_seq = math.ceil(self.max_model_len / self.page_size)
         self.kv_caches: list[KVPages] = allocate_kv_pages(
-            c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim, loaded.dtype,
-            kv_cache_sharding(loaded.mesh))
+            loaded.module.backend, c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim,
+            loaded.dtype, loaded.mesh)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
 
     def _step_fn(self, params: Any, kv_caches: list[KVPages], input_ids: jax.Array, positions: jax.Array,

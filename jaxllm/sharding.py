@@ -40,10 +40,5 @@ def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params), mesh, LOGICAL_RULES)
 
 
-def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
-    """KV pages [num_pages, page_size, num_kv_heads, head_dim]: kv heads split across the model axis."""
-    return NamedSharding(mesh, PartitionSpec(None, None, "model", None))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.attention import AttentionMetadata, KVPages
+from jaxllm.attention import AttentionMetadata, KVPages, kv_pages_shape
 from jaxllm.config import ARCHITECTURES, ConfigError, ModelConfig
 from jaxllm.models.gemma import GemmaForCausalLM
 from jaxllm.models.layers import CausalLM
@@ -14,8 +14,9 @@ from jaxllm.models.llama import LlamaForCausalLM
 FAMILIES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
 
 
-def build_model(config: ModelConfig, dtype, backend: str = "auto") -> CausalLM:
-    """The Flax module for this config's architecture (the supported ones are config.ARCHITECTURES)."""
+def build_model(config: ModelConfig, dtype, backend: str = "reference") -> CausalLM:
+    """The Flax module for this config's architecture (the supported ones are config.ARCHITECTURES);
+    `backend` is a resolved attention backend (jaxllm.attention.resolve_backend)."""
     if config.architecture not in ARCHITECTURES:
         raise ConfigError(f"architecture {config.architecture!r} is not supported; "
                           f"supported: {', '.join(ARCHITECTURES)}")
@@ -26,7 +27,7 @@ def abstract_params(module: CausalLM) -> dict:
     """The parameter tree of `module` as shapes/dtypes with logical axis names (boxed), computing nothing."""
     c = module.config
     one = jax.ShapeDtypeStruct((1,), jnp.int32)
-    page = jax.ShapeDtypeStruct((1, 1, c.num_kv_heads, c.head_dim), module.dtype)
+    page = jax.ShapeDtypeStruct(kv_pages_shape(module.backend, 1, 1, c.num_kv_heads, c.head_dim), module.dtype)
     md = AttentionMetadata(slot_mapping=one, block_tables=jax.ShapeDtypeStruct((1, 1), jnp.int32), seq_lens=one,
                            query_start_loc=jax.ShapeDtypeStruct((2,), jnp.int32), max_query_len=1)
     kv = [KVPages(page, page)] * c.num_layers

@@ -195,7 +195,7 @@ class CausalLM(nn.Module):
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
-    backend: str = "auto"
+    backend: str = "reference"
 
     layer_cls: ClassVar[type[DecoderLayer]]
     scale_embeddings: ClassVar[bool] = False  # Gemma multiplies embeddings by sqrt(hidden_size)

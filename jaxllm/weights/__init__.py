@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
+from jaxllm.attention import resolve_backend
 from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype, resolve_dtype
 from jaxllm.models import CausalLM, abstract_params, build_model
 from jaxllm.sharding import make_mesh, param_shardings
@@ -63,7 +64,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         ropes = tuple(dataclasses.replace(r, freq_factors=tuple(freq_factors)) for r in config.ropes)
         config = dataclasses.replace(config, ropes=ropes)
 
-    module = build_model(config, resolve_dtype(dtype, config, platform), attention_backend)
+    module = build_model(config, resolve_dtype(dtype, config, platform), resolve_backend(attention_backend, platform))
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
     if source.kind == "jaxllm":

@@ -1,0 +1,104 @@
+"""The Pallas GPU ragged paged attention kernel, in interpret mode on CPU, against the jnp reference; and its
+lowering to CUDA (Triton), which catches the backend's constraints that interpret mode lets through.
+
+Interpret mode fills every kernel output with NaN before the run, so an element the kernel fails to write
+fails the comparison (the poisoning the tests rely on). Tolerances: float32 (exact dots) 2e-5; bfloat16
+inputs (f32 accumulation, bf16 probabilities into the PV dot, bf16 output) 3e-2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_attention import gpu, reference
+from tests.attention_cases import make_case
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+TOL = {np.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def run_both(case, *, window=None, soft_cap=None, **knobs):
+    scale = case.q.shape[-1] ** -0.5
+    kw = dict(max_query_len=case.max_query_len, scale=scale, sliding_window=window, soft_cap=soft_cap)
+    ref = reference.ragged_paged_attention(jnp.asarray(case.q, jnp.float32), jnp.asarray(case.k_pages, jnp.float32),
+                                           jnp.asarray(case.v_pages, jnp.float32), case.block_tables,
+                                           case.seq_lens, case.query_start_loc, **kw)
+    out = gpu.ragged_paged_attention(jnp.asarray(case.q), gpu.to_layout(jnp.asarray(case.k_pages)),
+                                     gpu.to_layout(jnp.asarray(case.v_pages)), case.block_tables, case.seq_lens,
+                                     case.query_start_loc, interpret=True, **kw, **knobs)
+    n = case.num_tokens
+    return np.asarray(out[:n], np.float32), np.asarray(ref[:n])
+
+
+@pytest.mark.parametrize("group,head_dim,page_size,window,soft_cap,dtype", [
+    (1, 64, 8, None, None, np.float32),
+    (4, 128, 16, None, 30.0, np.float32),
+    (8, 64, 16, 13, None, np.float32),
+    (4, 64, 8, 5, 20.0, jnp.bfloat16),
+    (8, 128, 8, None, None, jnp.bfloat16),
+])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mixed_batch(group, head_dim, page_size, window, soft_cap, dtype, splits):
+    """Decodes (at length 1 and at an exact page multiple), a whole prefill and a chunked prefill, one call."""
+    rng = np.random.default_rng([group, head_dim, page_size, splits])
+    kv_lens = [1, 2 * page_size, int(rng.integers(20, 40)), int(rng.integers(2 * page_size, 3 * page_size)) + 7]
+    q_lens = [1, 1, kv_lens[2], 7]
+    case = make_case(rng, q_lens=q_lens, kv_lens=kv_lens, page_size=page_size, num_kv_heads=2, group=group,
+                     head_dim=head_dim, dtype=dtype)
+    out, ref = run_both(case, window=window, soft_cap=soft_cap, num_splits=splits)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("block_q,pages_per_block", [(1, 1), (4, 2), (16, 4)])
+def test_tiling_knobs(block_q, pages_per_block):
+    """Tiles that split a prefill across programs and page blocks that overrun a sequence's pages."""
+    rng = np.random.default_rng(block_q * 10 + pages_per_block)
+    case = make_case(rng, q_lens=[9, 1, 23], kv_lens=[30, 17, 23], page_size=8, num_kv_heads=2, group=4,
+                     head_dim=64)
+    out, ref = run_both(case, window=11, block_q=block_q, pages_per_block=pages_per_block, num_splits=2)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_decode_batch_random_lengths():
+    """A decode-only batch (max_query_len 1): one token per tile, split-K chosen by the heuristic."""
+    rng = np.random.default_rng(7)
+    kv_lens = [int(n) for n in rng.integers(1, 70, size=6)] + [16, 64]
+    case = make_case(rng, q_lens=[1] * 8, kv_lens=kv_lens, page_size=16, num_kv_heads=2, group=4, head_dim=64)
+    assert gpu.choose_params(9, 9, case.block_tables.shape[1], 2, 4, 1, 16)["num_splits"] > 1
+    out, ref = run_both(case)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_write_kv_matches_reference_layout():
+    rng = np.random.default_rng(3)
+    k_pages = jnp.asarray(rng.standard_normal((5, 8, 2, 16)), jnp.float32)
+    v_pages = jnp.asarray(rng.standard_normal((5, 8, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((4, 2, 16)), jnp.float32) for _ in range(2))
+    slots = jnp.asarray([39, 0, 17, 40], jnp.int32)  # the last is padding
+    ref_k, ref_v = reference.write_kv(k_pages, v_pages, k, v, slots)
+    new_k, new_v = gpu.write_kv(gpu.to_layout(k_pages), gpu.to_layout(v_pages), k, v, slots)
+    np.testing.assert_array_equal(np.asarray(new_k), np.asarray(gpu.to_layout(ref_k)))
+    np.testing.assert_array_equal(np.asarray(new_v), np.asarray(gpu.to_layout(ref_v)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("max_query_len,splits,group,window,soft_cap", [
+    (1, None, 4, None, None), (1, 1, 8, 4096, None), (64, None, 4, None, 50.0), (64, None, 1, 512, None)])
+def test_lowers_to_cuda(dtype, max_query_len, splits, group, window, soft_cap):
+    """Cross-lower the Llama-3-8B-shaped call (8 kv heads, head_dim 128, page 16) to CUDA on this CPU."""
+    num_tokens, num_seqs = (64, 64) if max_query_len == 1 else (512, 8)
+    args = (jax.ShapeDtypeStruct((num_tokens, 8 * group, 128), dtype),
+            jax.ShapeDtypeStruct((8, 512, 16, 128), dtype), jax.ShapeDtypeStruct((8, 512, 16, 128), dtype),
+            jax.ShapeDtypeStruct((num_seqs, 128), jnp.int32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
+            jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32))
+    f = functools.partial(gpu.ragged_paged_attention, max_query_len=max_query_len, scale=0.088,
+                          sliding_window=window, soft_cap=soft_cap, num_splits=splits)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text
