@@ -129,28 +129,27 @@ def bench_decode(rng, batch: int, ctx: int, quick: bool, bw: float) -> dict:
 
     ours = {}
     default = gpu.choose_params(batch, batch, ctx // PAGE, KVH, GROUP, 1, PAGE)
-    split_opts = sorted({default["num_splits"], 2 * default["num_splits"]} if not quick else {default["num_splits"]})
-    for ppb, splits, warps, stages in itertools.product([4, 8], split_opts, [4, 8], [2, 3] if not quick else [2]):
+    d = default["num_splits"]
+    split_opts = sorted({d, 2 * d, 4 * d}) if not quick else [d]
+    grid = itertools.product([True, False], [4, 8], split_opts, [4], [2, 3] if not quick else [2])
+    for gather, ppb, splits, warps, stages in grid:
         f = jax.jit(functools.partial(gpu.ragged_paged_attention, max_query_len=1, scale=SCALE,
                                       pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages,
-                                      interpret=INTERPRET))
+                                      gather_pages=gather, interpret=INTERPRET))
+        name = f"gather={gather:d} ppb={ppb} splits={splits} warps={warps} stages={stages}"
         try:
             err = rel_err(f(q[:nb], kp, vp, tables[0][:nb], lens[:nb], cu[:nb + 1]), ref)
             t = timed(f, [(q, kp, vp, tb, lens, cu) for tb in tables])
         except Exception as e:
-            log(f"  ours ppb={ppb} splits={splits} warps={warps} stages={stages}: FAILED {str(e)[:300]}")
+            log(f"  ours {name}: FAILED {str(e)[:300]}")
             continue
-        ours[(ppb, splits, warps, stages)] = (t, err)
-        log(f"  ours ppb={ppb} splits={splits} warps={warps} stages={stages}: {t * 1e6:8.1f} us "
-            f"{kv_bytes / t / 1e12:5.2f} TB/s err {err:.1e}")
+        ours[(gather, ppb, splits, warps, stages)] = (t, err)
+        log(f"  ours {name}: {t * 1e6:8.1f} us {kv_bytes / t / 1e12:5.2f} TB/s err {err:.1e}")
     best = min(ours, key=lambda k: ours[k][0])
     t, err = ours[best]
     row.update(ours_us=t * 1e6, ours_TBps=kv_bytes / t / 1e12, ours_frac=kv_bytes / t / 1e12 / bw, ours_err=err,
-               ours_cfg=dict(zip(("pages_per_block", "num_splits", "num_warps", "num_stages"), best)),
+               ours_cfg=dict(zip(("gather_pages", "pages_per_block", "num_splits", "num_warps", "num_stages"), best)),
                default_cfg=default)
-    dflt = ours.get((default["pages_per_block"], default["num_splits"], 4, 2))
-    if dflt:
-        row["ours_default_us"] = dflt[0] * 1e6
 
     # jax's deprecated Pallas GPU paged_attention, swept.
     from jax.experimental.pallas.ops.gpu import paged_attention as old
@@ -226,22 +225,24 @@ def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None)
     del kr, vr
     row = {"case": name, "GFLOP": flops / 1e9}
     ours = {}
-    configs = [(None, None, 4, 2)] if quick else list(itertools.product([16, 32], [4, 8], [4, 8], [2]))
-    for bq, ppb, warps, stages in configs:
+    configs = ([(None, None, 4, 2, True)] if quick else
+               list(itertools.product([16, 32], [4, 8], [4, 8], [2], [True, False])))
+    for bq, ppb, warps, stages, gather in configs:
         f = jax.jit(functools.partial(gpu.ragged_paged_attention, max_query_len=mql, scale=SCALE, block_q=bq,
-                                      pages_per_block=ppb, num_warps=warps, num_stages=stages, interpret=INTERPRET))
+                                      pages_per_block=ppb, num_warps=warps, num_stages=stages, gather_pages=gather,
+                                      interpret=INTERPRET))
         try:
             err = rel_err(f(q, kp, vp, table, lens, cu), ref)
             t = timed(f, [(q, kp, vp, table, lens, cu)])
         except Exception as e:
             log(f"  ours bq={bq} ppb={ppb} warps={warps} stages={stages}: FAILED {str(e)[:300]}")
             continue
-        ours[(bq, ppb, warps, stages)] = (t, err)
-        log(f"  ours bq={bq} ppb={ppb} warps={warps} stages={stages}: {t * 1e6:8.1f} us "
+        ours[(bq, ppb, warps, stages, gather)] = (t, err)
+        log(f"  ours bq={bq} ppb={ppb} warps={warps} stages={stages} gather={gather:d}: {t * 1e6:8.1f} us "
             f"{flops / t / 1e12:6.1f} TFLOP/s err {err:.1e}")
     best = min(ours, key=lambda k: ours[k][0])
     row.update(ours_us=ours[best][0] * 1e6, ours_TFLOPs=flops / ours[best][0] / 1e12, ours_err=ours[best][1],
-               ours_cfg=dict(zip(("block_q", "pages_per_block", "num_warps", "num_stages"), best)))
+               ours_cfg=dict(zip(("block_q", "pages_per_block", "num_warps", "num_stages", "gather_pages"), best)))
     if cudnn_dense is not None:
         b, t_len = cudnn_dense
         key = jax.random.key(5)

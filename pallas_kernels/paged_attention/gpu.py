@@ -57,7 +57,7 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
 def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables_ref,  # scalars
             q_ref, k_ref, v_ref,  # q: [rows_total, head_dim]; k, v: [num_pages, page_size, head_dim] (one kv head)
             *out_refs, group: int, rows: int, pages_per_block: int, num_splits: int, scale: float,
-            sliding_window: int | None, soft_cap: float | None, precision):
+            sliding_window: int | None, soft_cap: float | None, precision, gather_pages: bool):
     tile, split = pl.program_id(0), pl.program_id(2)
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
     block_k = pages_per_block * page_size
@@ -80,26 +80,43 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
     start = first + split * per_split
     stop = jnp.minimum(last, start + per_split)
 
-    def body(b, carry):
-        acc, m, l = carry
-        pages = block_tables_ref[seq, pl.ds(b * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(block_k, head_dim)
-        v = v_ref[pages].reshape(block_k, head_dim)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * scale  # [rows, block_k]
+    def dot(a, b, contract_b: int):
+        return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                                   preferred_element_type=jnp.float32)
+
+    def scores(s, first_pos: int | jax.Array, width: int):
+        """Scale, soft-cap and mask raw q.k scores [rows, width] of keys first_pos, first_pos + 1, ..."""
+        s = s * scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        kv_pos = b * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        kv_pos = first_pos + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
         mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
         if sliding_window is not None:
             mask &= kv_pos > q_pos - sliding_window
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-        p = jnp.exp(s - m_new)
+        return jnp.where(mask, s, MASK_VALUE)
+
+    def body(b, carry):
+        acc, m, l = carry
+        if gather_pages:  # one gather of the block's pages: k, v [block_k, head_dim]
+            pages = block_tables_ref[seq, pl.ds(b * pages_per_block, pages_per_block)]
+            k = k_ref[pages].reshape(block_k, head_dim)
+            v = v_ref[pages].reshape(block_k, head_dim)
+            s = [scores(dot(q, k, 1), b * block_k, block_k)]
+            vs = [v]
+        else:  # one contiguous [page_size, head_dim] load per page, all issued before any use
+            pages = [block_tables_ref[seq, b * pages_per_block + i] for i in range(pages_per_block)]
+            ks = [k_ref[p] for p in pages]
+            vs = [v_ref[p] for p in pages]
+            s = [scores(dot(q, k, 1), b * block_k + i * page_size, page_size) for i, k in enumerate(ks)]
+        m_new = m
+        for s_i in s:
+            m_new = jnp.maximum(m_new, s_i.max(axis=1, keepdims=True))
         alpha = jnp.exp(m - m_new)
-        l = alpha * l + p.sum(axis=1, keepdims=True)
-        acc = alpha * acc + jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                precision=precision, preferred_element_type=jnp.float32)
+        acc, l = alpha * acc, alpha * l
+        for s_i, v_i in zip(s, vs):
+            p = jnp.exp(s_i - m_new)
+            l = l + p.sum(axis=1, keepdims=True)
+            acc = acc + dot(p.astype(v_i.dtype), v_i, 0)
         return acc, m_new, l
 
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
@@ -136,12 +153,13 @@ def _tiles(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens: int, blo
 
 @functools.partial(jax.jit, static_argnames=("max_query_len", "scale", "sliding_window", "soft_cap", "block_q",
                                              "pages_per_block", "num_splits", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "gather_pages", "interpret"))
 def ragged_paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, seq_lens: jax.Array,
     query_start_loc: jax.Array, *, max_query_len: int, scale: float, sliding_window: int | None = None,
     soft_cap: float | None = None, block_q: int | None = None, pages_per_block: int | None = None,
-    num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+    num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2, gather_pages: bool = True,
+    interpret: bool = False,
 ) -> jax.Array:
     """Same contract as reference.ragged_paged_attention, pages in this backend's layout.
 
@@ -166,7 +184,7 @@ def ragged_paged_attention(
 
     kernel = functools.partial(
         _kernel, group=group, rows=rows, pages_per_block=ppb, num_splits=splits, scale=scale,
-        sliding_window=sliding_window, soft_cap=soft_cap,
+        sliding_window=sliding_window, soft_cap=soft_cap, gather_pages=gather_pages,
         precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
     scalar_specs = [pl.BlockSpec()] * 6  # whole arrays, indexed by the program
     head_spec = pl.BlockSpec((None, *q_rows.shape[1:]), lambda t, h, s: (h, 0, 0))
