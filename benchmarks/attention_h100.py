@@ -154,26 +154,26 @@ def bench_decode(rng, batch: int, ctx: int, quick: bool, bw: float) -> dict:
     ours = {}
     default = gpu.choose_params(batch, batch, ctx // PAGE, KVH, GROUP, 1, PAGE)
     d = default["num_splits"]
-    grid = [(True, 4, d, False)] + list(itertools.product([False], [4, 8], sorted({d, 2 * d}), [False, True]))
-    for gather, ppb, splits, prefetch in (grid if not quick else grid[:2]):
+    grid = [(True, 4, d, 4)] + list(itertools.product([False], [4, 8], sorted({d, 2 * d}), [2, 4]))
+    for gather, ppb, splits, warps in (grid if not quick else grid[:2]):
         f = jax.jit(functools.partial(gpu.ragged_paged_attention, max_query_len=1, scale=SCALE,
                                       pages_per_block=ppb, num_splits=splits, gather_pages=gather,
-                                      prefetch=prefetch, interpret=INTERPRET))
-        name = f"gather={gather:d} ppb={ppb} splits={splits} prefetch={prefetch:d}"
+                                      num_warps=warps, interpret=INTERPRET))
+        name = f"gather={gather:d} ppb={ppb} splits={splits} warps={warps}"
         try:
             err = rel_err(f(q[:nb], kp, vp, tables[0][:nb], lens[:nb], cu[:nb + 1]), ref)
             t = timed(f, [(q, kp, vp, tb, lens, cu) for tb in tables], table_arg=3)
         except Exception as e:
             log(f"  ours {name}: FAILED {str(e)[:300]}")
             continue
-        ours[(gather, ppb, splits, prefetch)] = (t, err)
+        ours[(gather, ppb, splits, warps)] = (t, err)
         log(f"  ours {name}: {t * 1e6:8.1f} us {kv_bytes / t / 1e12:5.2f} TB/s err {err:.1e}")
     f = jax.jit(functools.partial(gpu.ragged_paged_attention, max_query_len=1, scale=SCALE, interpret=INTERPRET))
     row["ours_default_us"] = timed(f, [(q, kp, vp, tb, lens, cu) for tb in tables], table_arg=3) * 1e6
     best = min(ours, key=lambda k: ours[k][0])
     t, err = ours[best]
     row.update(ours_us=t * 1e6, ours_TBps=kv_bytes / t / 1e12, ours_frac=kv_bytes / t / 1e12 / bw, ours_err=err,
-               ours_cfg=dict(zip(("gather_pages", "pages_per_block", "num_splits", "prefetch"), best)),
+               ours_cfg=dict(zip(("gather_pages", "pages_per_block", "num_splits", "num_warps"), best)),
                default_cfg=default)
 
     # jax's deprecated Pallas GPU paged_attention, swept.
@@ -258,7 +258,7 @@ def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None)
                                       interpret=INTERPRET))
         try:
             err = rel_err(f(q, kp, vp, table, lens, cu), ref)
-            t = timed(f, [(q, kp, vp, table, lens, cu)] * 4, table_arg=3)
+            t = timed(f, [(q, kp, vp, table, lens, cu)])
         except Exception as e:
             log(f"  ours bq={bq} ppb={ppb} warps={warps} stages={stages}: FAILED {str(e)[:300]}")
             continue
@@ -276,7 +276,7 @@ def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None)
         f = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn",
                                       scale=SCALE))
         try:
-            t = timed(f, [(qd, kd, vd)] * 4, table_arg=0)
+            t = timed(f, [(qd, kd, vd)])
             dense_flops = b * 4.0 * H * D * t_len * (t_len + 1) / 2
             row.update(cudnn_us=t * 1e6, cudnn_TFLOPs=dense_flops / t / 1e12)
         except Exception as e:

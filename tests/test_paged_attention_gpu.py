@@ -56,16 +56,16 @@ def test_mixed_batch(group, head_dim, page_size, window, soft_cap, dtype, splits
     np.testing.assert_allclose(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("gather_pages,prefetch", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("gather_pages", [True, False])
 @pytest.mark.parametrize("block_q,pages_per_block", [(1, 1), (4, 2), (16, 4)])
-def test_tiling_knobs(block_q, pages_per_block, gather_pages, prefetch):
+def test_tiling_knobs(block_q, pages_per_block, gather_pages):
     """Tiles that split a prefill across programs, page blocks that overrun a sequence's pages, both ways of
     loading a block of pages."""
     rng = np.random.default_rng(block_q * 10 + pages_per_block)
     case = make_case(rng, q_lens=[9, 1, 23], kv_lens=[30, 17, 23], page_size=8, num_kv_heads=2, group=4,
                      head_dim=64)
     out, ref = run_both(case, window=11, block_q=block_q, pages_per_block=pages_per_block, num_splits=2,
-                        gather_pages=gather_pages, prefetch=prefetch)
+                        gather_pages=gather_pages)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
@@ -94,7 +94,7 @@ def test_write_kv_matches_reference_layout():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("max_query_len,splits,group,window,soft_cap,gather", [
     (1, None, 4, None, None, None), (1, 1, 8, 4096, None, False), (64, None, 4, None, 50.0, True),
-    (64, None, 1, 512, None, False), (1, None, 3, None, None, "prefetch")])
+    (64, None, 1, 512, None, False), (1, 3, 3, None, None, False)])
 def test_lowers_to_cuda(dtype, max_query_len, splits, group, window, soft_cap, gather):
     """Cross-lower the Llama-3-8B-shaped call (8 kv heads, head_dim 128, page 16) to CUDA on this CPU."""
     num_tokens, num_seqs = (64, 64) if max_query_len == 1 else (512, 8)
@@ -104,7 +104,7 @@ def test_lowers_to_cuda(dtype, max_query_len, splits, group, window, soft_cap, g
             jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32))
     f = functools.partial(gpu.ragged_paged_attention, max_query_len=max_query_len, scale=0.088,
                           sliding_window=window, soft_cap=soft_cap, num_splits=splits,
-                          gather_pages=False if gather == "prefetch" else gather, prefetch=gather == "prefetch")
+                          gather_pages=gather)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text

@@ -60,8 +60,7 @@ def _pow2(n: int) -> int:
 def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables_ref,  # int32
             q_ref, k_ref, v_ref,  # q: [tokens, heads, head_dim]; k, v: [num_pages, page_size, head_dim] (one kv head)
             *out_refs, group: int, group_pad: int, tile_tokens: int, pages_per_block: int, num_splits: int,
-            scale: float, sliding_window: int | None, soft_cap: float | None, precision, gather_pages: bool,
-            prefetch: bool):
+            scale: float, sliding_window: int | None, soft_cap: float | None, precision, gather_pages: bool):
     tile, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
     block_k = pages_per_block * page_size
@@ -72,11 +71,9 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
     kv_len = seq_lens_ref[seq]
 
     # Row r is token q0 + r // group_pad, query head head * group + r % group_pad.
-    row = jax.lax.broadcasted_iota(jnp.int32, (tile_tokens, group_pad, head_dim), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (tile_tokens, group_pad, head_dim), 1)
-    io_mask = (row < nq) & (col < group)
     q_block = q_ref.at[pl.ds(q0, tile_tokens), pl.ds(head * group, group_pad), :]
-    q = plgpu.load(q_block, mask=io_mask, other=0.0).reshape(rows, head_dim)
+    q = plgpu.load(q_block, mask=_io_mask(nq, group, (tile_tokens, group_pad, head_dim)), other=0.0)
+    q = q.reshape(rows, head_dim)
     q_pos = pos0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group_pad  # [rows, 1]
 
     # The KV range any row of this tile can see, in blocks, and this split's share of it.
@@ -102,11 +99,17 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
             mask &= kv_pos > q_pos - sliding_window
         return jnp.where(mask, s, MASK_VALUE)
 
-    def load_pages(b):
-        """K and V of block b, one contiguous [page_size, head_dim] load per page, all issued at once."""
-        b = jnp.minimum(b, block_tables_ref.shape[1] // pages_per_block - 1)  # a prefetch past the end
-        pages = [block_tables_ref[seq, b * pages_per_block + i] for i in range(pages_per_block)]
-        return [k_ref[p] for p in pages], [v_ref[p] for p in pages]
+    last_block = block_tables_ref.shape[1] // pages_per_block - 1
+
+    def table_block(b):
+        """The page indices [pages_per_block] of block b (clamped: prefetching past the end is harmless)."""
+        return block_tables_ref[seq, pl.ds(jnp.minimum(b, last_block) * pages_per_block, pages_per_block)]
+
+    def load_pages(pages):
+        """K and V of a block, one contiguous [page_size, head_dim] load per page, all issued at once."""
+        lane = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
+        idx = [jnp.sum(jnp.where(lane == i, pages, 0)) for i in range(pages_per_block)]
+        return [k_ref[p] for p in idx], [v_ref[p] for p in idx]
 
     def update(b, acc, m, l, ks, vs):
         """Online-softmax step over block b, given as per-page lists (or one gathered block)."""
@@ -123,28 +126,23 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
             acc = acc + dot(p.astype(v_i.dtype), v_i, 0)
         return acc, m_new, l
 
-    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows, 1), jnp.float32))
+    init = _softmax_init(rows, head_dim)
     if gather_pages:  # one gather of the block's pages: k, v [block_k, head_dim]
         def body(b, carry):
-            pages = block_tables_ref[seq, pl.ds(b * pages_per_block, pages_per_block)]
+            pages = table_block(b)
             k, v = (ref[pages].reshape(block_k, head_dim) for ref in (k_ref, v_ref))
             return update(b, *carry, [k], [v])
         acc, m, l = jax.lax.fori_loop(start, stop, body, init)
-    elif prefetch:  # block b + 1's loads are in flight while block b is computed
+    else:  # the next block's page indices load while this block's K/V load and compute
         def body(b, carry):
-            acc, m, l, ks, vs = carry
-            nxt = load_pages(b + 1)
-            return (*update(b, acc, m, l, ks, vs), *nxt)
-        acc, m, l, _, _ = jax.lax.fori_loop(start, stop, body, (*init, *load_pages(start)))
-    else:
-        acc, m, l = jax.lax.fori_loop(start, stop, lambda b, c: update(b, *c, *load_pages(b)), init)
+            acc, m, l, pages = carry
+            nxt = table_block(b + 1)
+            return (*update(b, acc, m, l, *load_pages(pages)), nxt)
+        acc, m, l, _ = jax.lax.fori_loop(start, stop, body, (*init, table_block(start)))
 
     if num_splits == 1:
         (o_ref,) = out_refs
-        out = (acc / jnp.where(l == 0.0, 1.0, l)).reshape(tile_tokens, group_pad, head_dim)
-        plgpu.store(o_ref.at[pl.ds(q0, tile_tokens), pl.ds(head * group, group_pad), :], out.astype(o_ref.dtype),
-                    mask=io_mask)
+        _store_rows(o_ref, acc / jnp.where(l == 0.0, 1.0, l), q0, nq, head, group, group_pad, tile_tokens)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = acc
@@ -170,13 +168,13 @@ def _tiles(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens: int, blo
 
 @functools.partial(jax.jit, static_argnames=("max_query_len", "scale", "sliding_window", "soft_cap", "block_q",
                                              "pages_per_block", "num_splits", "num_warps", "num_stages",
-                                             "gather_pages", "prefetch", "interpret"))
+                                             "gather_pages", "interpret"))
 def ragged_paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, seq_lens: jax.Array,
     query_start_loc: jax.Array, *, max_query_len: int, scale: float, sliding_window: int | None = None,
     soft_cap: float | None = None, block_q: int | None = None, pages_per_block: int | None = None,
     num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-    gather_pages: bool | None = None, prefetch: bool = False, interpret: bool = False,
+    gather_pages: bool | None = None, interpret: bool = False,
 ) -> jax.Array:
     """Same contract as reference.ragged_paged_attention, pages in this backend's layout.
 
@@ -205,7 +203,7 @@ def ragged_paged_attention(
     kernel = functools.partial(
         _kernel, group=group, group_pad=group_pad, tile_tokens=tile_tokens, pages_per_block=ppb,
         num_splits=splits, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, gather_pages=gather_pages,
-        prefetch=prefetch, precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
     whole = pl.BlockSpec()  # the whole array; the program indexes it
     page_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda t, h, s: (h, 0, 0, 0))
     rows = tile_tokens * group_pad
@@ -228,22 +226,63 @@ def ragged_paged_attention(
         interpret=interpret,
         name=f"ragged_paged_attention_bq{block_q}_ppb{ppb}_s{splits}",
     )(seq, q0, nq, pos0, seq_lens, block_tables, q_in, k_pages, v_pages)
-    if splits == 1:
-        return outs[0][:num_tokens, :num_heads]
-    return _combine(*outs, q0, nq, group, group_pad, tile_tokens, num_tokens).astype(q.dtype)
+    if splits > 1:
+        outs = _combine(*outs, q0, nq, out_shape=q_in.shape, dtype=q.dtype, group=group, group_pad=group_pad,
+                        tile_tokens=tile_tokens, num_warps=num_warps or p["num_warps"], interpret=interpret)
+    return outs[0][:num_tokens, :num_heads]
 
 
-def _combine(o, m, l, q0, nq, group: int, group_pad: int, tile_tokens: int, num_tokens: int) -> jax.Array:
-    """Merge split partials [splits, kvh, tiles, rows, *] into the output [num_tokens, num_heads, head_dim]."""
-    m_max = m.max(axis=0)
-    w = jnp.exp(m - m_max)
-    out = (w * o).sum(axis=0) / jnp.maximum((w * l).sum(axis=0), 1e-30)  # [kvh, tiles, rows, d]
-    kvh, num_tiles, _, d = out.shape
-    out = out.reshape(kvh, num_tiles, tile_tokens, group_pad, d)[:, :, :, :group]
-    out = out.transpose(1, 2, 0, 3, 4).reshape(num_tiles * tile_tokens, kvh * group, d)
-    r = jnp.arange(tile_tokens)
-    dest = jnp.where(r[None, :] < nq[:, None], q0[:, None] + r[None, :], num_tokens).reshape(-1)
-    return jnp.zeros((num_tokens, kvh * group, d), out.dtype).at[dest].set(out, mode="drop")
+def _store_rows(o_ref, rows_val, q0, nq, head, group: int, group_pad: int, tile_tokens: int) -> None:
+    """Store a tile's [tile_tokens * group_pad, head_dim] rows at tokens q0.. and this kv head's query heads."""
+    shape = (tile_tokens, group_pad, rows_val.shape[-1])
+    plgpu.store(o_ref.at[pl.ds(q0, tile_tokens), pl.ds(head * group, group_pad), :],
+                rows_val.reshape(shape).astype(o_ref.dtype), mask=_io_mask(nq, group, shape))
+
+
+def _softmax_init(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Online-softmax state: accumulator [rows, head_dim], running max and sum [rows, 1]."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+
+
+def _io_mask(nq, group: int, shape: tuple[int, int, int]) -> jax.Array:
+    """[tile_tokens, group_pad, head_dim]: the tile's real tokens and the kv head's real query heads."""
+    return (jax.lax.broadcasted_iota(jnp.int32, shape, 0) < nq) & (jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+                                                                   < group)
+
+
+def _combine_kernel(q0_ref, nq_ref, o_ref, m_ref, l_ref, out_ref, *, num_splits: int, group: int, group_pad: int,
+                    tile_tokens: int):
+    """Merge one (tile, kv head)'s split partials o, m, l [splits, rows, *] and store the normalised rows."""
+    tile, head = pl.program_id(0), pl.program_id(1)
+
+    def body(s, carry):
+        acc, m, l = carry
+        m_s = m_ref[s]
+        m_new = jnp.maximum(m, m_s)
+        a, b = jnp.exp(m - m_new), jnp.exp(m_s - m_new)
+        return a * acc + b * o_ref[s], m_new, a * l + b * l_ref[s]
+
+    acc, _, l = jax.lax.fori_loop(0, num_splits, body, _softmax_init(*o_ref.shape[1:]))
+    _store_rows(out_ref, acc / jnp.where(l == 0.0, 1.0, l), q0_ref[tile], nq_ref[tile], head, group, group_pad,
+                tile_tokens)
+
+
+def _combine(o, m, l, q0, nq, *, out_shape, dtype, group, group_pad, tile_tokens, num_warps, interpret):
+    """Flash-decoding's second pass, as one Pallas call over (tile, kv head)."""
+    splits, kvh, num_tiles, rows, head_dim = o.shape
+    part = lambda n: pl.BlockSpec((splits, None, None, rows, n), lambda t, h: (0, h, t, 0, 0))  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=splits, group=group, group_pad=group_pad,
+                          tile_tokens=tile_tokens),
+        grid=(num_tiles, kvh),
+        in_specs=[pl.BlockSpec(), pl.BlockSpec(), part(head_dim), part(1), part(1)],
+        out_specs=[pl.BlockSpec()],
+        out_shape=[jax.ShapeDtypeStruct(out_shape, dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="ragged_paged_attention_combine",
+    )(q0, nq, o, m, l)
 
 
 def choose_params(num_tokens: int, num_seqs: int, pages_per_seq: int, num_kv_heads: int, group: int,
