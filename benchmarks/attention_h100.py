@@ -154,7 +154,7 @@ def bench_decode(rng, batch: int, ctx: int, quick: bool, bw: float) -> dict:
     ours = {}
     default = gpu.choose_params(batch, batch, ctx // PAGE, KVH, GROUP, 1, PAGE)
     d = default["num_splits"]
-    grid = [(True, 4, d, 4)] + list(itertools.product([False], [4, 8], sorted({d, 2 * d}), [2, 4]))
+    grid = [(True, 4, d, 4)] + list(itertools.product([False], [4, 8], sorted({max(1, d // 2), d, 2 * d}), [4]))
     for gather, ppb, splits, warps in (grid if not quick else grid[:2]):
         f = jax.jit(functools.partial(gpu.ragged_paged_attention, max_query_len=1, scale=SCALE,
                                       pages_per_block=ppb, num_splits=splits, gather_pages=gather,
