@@ -69,14 +69,25 @@ def test_tiling_knobs(block_q, pages_per_block, gather_pages):
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
-def test_decode_batch_random_lengths():
-    """A decode-only batch (max_query_len 1): one token per tile, split-K chosen by the heuristic."""
+@pytest.mark.parametrize("splits", [None, 3])
+def test_decode_batch_random_lengths(splits):
+    """A decode-only batch (max_query_len 1): one token per tile; default knobs, and 3 KV splits."""
     rng = np.random.default_rng(7)
     kv_lens = [int(n) for n in rng.integers(1, 70, size=6)] + [16, 64]
     case = make_case(rng, q_lens=[1] * 8, kv_lens=kv_lens, page_size=16, num_kv_heads=2, group=4, head_dim=64)
-    assert gpu.choose_params(9, 9, case.block_tables.shape[1], 2, 4, 1, 16)["num_splits"] > 1
-    out, ref = run_both(case)
+    out, ref = run_both(case, num_splits=splits)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_default_knobs_follow_the_sweep():
+    """Decode: per-page loads, one split when the batch fills the GPU, more for small batches, never fewer
+    than 4 blocks a split; prefill: gathered blocks, one split."""
+    big = gpu.choose_params(64, 64, 128, 8, 4, 1, 16)
+    assert (big["num_splits"], big["gather_pages"], big["block_q"]) == (1, False, 1)
+    assert gpu.choose_params(1, 1, 256, 8, 4, 1, 16)["num_splits"] == 16
+    assert gpu.choose_params(8, 8, 512, 8, 4, 1, 16)["num_splits"] == 5
+    assert gpu.choose_params(2048, 1, 128, 8, 4, 2048, 16) == {
+        "block_q": 16, "pages_per_block": 4, "num_splits": 1, "num_warps": 4, "gather_pages": True}
 
 
 def test_write_kv_matches_reference_layout():

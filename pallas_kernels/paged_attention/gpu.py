@@ -266,13 +266,15 @@ def _combine(o, m, l, q0, nq, group: int, group_pad: int, tile_tokens: int, num_
 
 def choose_params(num_tokens: int, num_seqs: int, pages_per_seq: int, num_kv_heads: int, group: int,
                   max_query_len: int, page_size: int, num_cores: int = 132) -> dict:
-    """Defaults from the static shapes, set by the H100 sweep: decode-only batches (max_query_len 1) take one
-    token per tile, per-page loads and enough KV splits for ~2 programs per SM; prefills take 16-token tiles
-    (64 rows at GQA 4) and a gather per block of pages. Blocks of 64 tokens, 4 warps."""
+    """Defaults from the static shapes, set by the H100 sweep (benchmarks/RESULTS.md): decode-only batches
+    (max_query_len 1) take one token per tile, per-page loads, and KV splits for ~2 programs per SM but at
+    least 4 blocks per split; prefills take 16-token tiles (64 rows at GQA 4) and a gather per block of
+    pages. Blocks of 64 tokens, 4 warps."""
     decode = max_query_len == 1
     block_q = 1 if decode else max(1, min(64 // _pow2(group), _pow2(max_query_len)))
     pages_per_block = max(1, min(64 // page_size, _pow2(pages_per_seq)))
     blocks = -(-pages_per_seq // pages_per_block)
-    splits = max(1, min(blocks, -(-2 * num_cores // (num_seqs * num_kv_heads)))) if decode else 1
+    want = -(-2 * num_cores // (num_seqs * num_kv_heads))
+    splits = max(1, min(want, blocks // 4)) if decode else 1
     return {"block_q": block_q, "pages_per_block": pages_per_block, "num_splits": splits, "num_warps": 4,
             "gather_pages": not decode}
