@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 MESH_AXES = ("data", "model")
 
@@ -38,7 +38,3 @@ def make_mesh(tensor_parallel_size: int = 1, devices: list | None = None) -> Mes
 def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
     """NamedShardings for a tree of logically partitioned (boxed) abstract parameters."""
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params), mesh, LOGICAL_RULES)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

@@ -31,9 +31,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_attention.reference import MASK_VALUE
 
-LAYOUT = "kv_heads_first"  # [num_kv_heads, num_pages, page_size, head_dim]
-
-
 def to_layout(pages: jax.Array) -> jax.Array:
     """[num_pages, page_size, num_kv_heads, head_dim] (reference layout) -> this backend's layout."""
     return pages.transpose(2, 0, 1, 3)
