@@ -5,10 +5,12 @@ each sequence reading and writing the pages of its block table. The model calls 
 implementation runs, and so which KV page layout is allocated, is decided here once per engine
 (`resolve_backend`), never per step:
 
-    backend      runs                                               KV pages (per layer, K and V)
-    reference    jnp gather + softmax (pallas_kernels/.../reference.py)  [num_pages, page_size, kv_heads, head_dim]
-    pallas-gpu   the Pallas GPU kernel (Triton lowering)                 [kv_heads, num_pages, page_size, head_dim]
-    pallas-interpret  the same kernel in Pallas interpret mode (CPU tests)    as pallas-gpu
+    backend               runs                                            KV pages (per layer, K and V)
+    reference             jnp gather + softmax (.../reference.py)         [num_pages, page_size, kv_heads, head_dim]
+    pallas-gpu            the Pallas GPU kernel (Triton lowering, gpu.py) [kv_heads, num_pages, page_size, head_dim]
+    pallas-tpu            the Pallas TPU kernel (Mosaic, tpu.py)          as pallas-gpu
+    pallas-interpret      the GPU kernel in Pallas interpret mode (CPU)   as pallas-gpu
+    pallas-tpu-interpret  the TPU kernel in the TPU interpreter (CPU)     as pallas-gpu
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.paged_attention import gpu, reference
+from pallas_kernels.paged_attention import gpu, reference, tpu
 
-BACKENDS = ("reference", "pallas-gpu", "pallas-interpret")
+BACKENDS = ("reference", "pallas-gpu", "pallas-tpu", "pallas-interpret", "pallas-tpu-interpret")
+_PLATFORM_KERNEL = {"gpu": "pallas-gpu", "tpu": "pallas-tpu", "cpu": "pallas-interpret"}
 
 
 @struct.dataclass
@@ -51,16 +54,14 @@ class KVPages(NamedTuple):
 
 
 def resolve_backend(requested: str, platform: str) -> str:
-    """"auto": Pallas on GPU, the reference elsewhere (no TPU kernel yet); "pallas": the kernel, in interpret
-    mode on CPU; "reference": the jnp oracle."""
+    """"auto": the Pallas kernel on GPU and TPU, the reference on CPU; "pallas": the platform's kernel, in
+    interpret mode on CPU; "reference": the jnp oracle. Internal names (BACKENDS) pass through."""
     if requested == "auto":
-        return "pallas-gpu" if platform == "gpu" else "reference"
+        return _PLATFORM_KERNEL[platform] if platform in ("gpu", "tpu") else "reference"
     if requested == "pallas":
-        if platform == "gpu":
-            return "pallas-gpu"
-        if platform == "cpu":
-            return "pallas-interpret"
-        raise ValueError(f"attention_backend='pallas' has no kernel for platform {platform!r} yet; use 'reference'")
+        if platform not in _PLATFORM_KERNEL:
+            raise ValueError(f"attention_backend='pallas' has no kernel for platform {platform!r}; use 'reference'")
+        return _PLATFORM_KERNEL[platform]
     if requested in BACKENDS:
         return requested
     raise ValueError(f"attention_backend must be auto, pallas or reference, got {requested!r}")
@@ -103,11 +104,13 @@ def paged_attention(
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
     """
-    impl = reference if backend == "reference" else gpu
-    k_pages, v_pages = impl.write_kv(kv.k, kv.v, k, v, md.slot_mapping)
-    kwargs = dict(max_query_len=md.max_query_len, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if backend != "reference":
-        kwargs["interpret"] = backend == "pallas-interpret"
+    if backend == "reference":
+        impl, write, extra = reference, reference.write_kv, {}
+    else:  # both kernels use the kv-heads-first layout and its scatter
+        impl = tpu if backend.startswith("pallas-tpu") else gpu
+        write, extra = gpu.write_kv, {"interpret": backend.endswith("interpret")}
+    k_pages, v_pages = write(kv.k, kv.v, k, v, md.slot_mapping)
     out = impl.ragged_paged_attention(q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
-                                      **kwargs)
+                                      max_query_len=md.max_query_len, scale=scale, sliding_window=sliding_window,
+                                      soft_cap=soft_cap, **extra)
     return out, KVPages(k_pages, v_pages)

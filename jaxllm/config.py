@@ -25,7 +25,10 @@ ARCHITECTURES: dict[str, str] = {
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
-ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+# "auto", "pallas" and "reference" pick per platform (jaxllm.attention.resolve_backend); the others force one
+# implementation, e.g. a kernel in its interpreter on a CPU (tests, debugging).
+ATTENTION_BACKENDS = ("auto", "pallas", "reference", "pallas-gpu", "pallas-tpu", "pallas-interpret",
+                      "pallas-tpu-interpret")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
                  "half": "float16", "float": "float32"}

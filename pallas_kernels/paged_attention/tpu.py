@@ -1,0 +1,151 @@
+"""Ragged paged attention on TPU (Pallas / Mosaic TPU): the same contract as the reference and the GPU kernel.
+
+Layout: the GPU backend's, k_pages, v_pages: [num_kv_heads, num_pages, page_size, head_dim] (gpu.to_layout,
+gpu.write_kv), so one (head, page) is one contiguous DMA.
+
+Work decomposition. As on GPU, query tokens are cut into tiles of at most `block_q` tokens of one sequence
+and a program takes (tile, kv head), with the kv head's query heads stacked as rows. The queries are first
+gathered in XLA into tile-major blocks [num_tiles, num_heads, block_q, head_dim] so that BlockSpecs (which
+need block-aligned offsets) can stream them; outputs come back the same way and are scattered to tokens.
+Block tables, lengths and tile metadata are scalar-prefetched into SMEM; each block of `pages_per_block`
+pages is copied HBM -> VMEM with async copies, double-buffered: block b + 1 is in flight while block b is
+computed. Not yet measured on a TPU (none has been available): tested in TPU interpret mode and by
+lowering for TPU on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.paged_attention.gpu import _tiles
+from pallas_kernels.paged_attention.reference import MASK_VALUE
+
+
+def _kernel(tile_seq_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables_ref,  # SMEM (scalar prefetch)
+            q_ref,  # VMEM [group, block_q, head_dim]
+            k_hbm, v_hbm,  # HBM [num_kv_heads, num_pages, page_size, head_dim]
+            o_ref,  # VMEM [group, block_q, head_dim]
+            k_buf, v_buf, sems,  # VMEM [2, pages_per_block, page_size, head_dim] x 2; DMA semaphores [2, 2]
+            *, pages_per_block: int, scale: float, sliding_window: int | None, soft_cap: float | None):
+    tile, head = pl.program_id(0), pl.program_id(1)
+    group, block_q, head_dim = q_ref.shape
+    page_size = k_buf.shape[2]
+    block_k = pages_per_block * page_size
+    rows = group * block_q
+    seq, nq, pos0 = tile_seq_ref[tile], tile_nq_ref[tile], tile_pos0_ref[tile]
+    kv_len = seq_lens_ref[seq]
+    last_block = block_tables_ref.shape[1] // pages_per_block - 1
+
+    hi = jnp.minimum(kv_len, pos0 + nq)
+    lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    start, stop = lo // block_k, (hi + block_k - 1) // block_k
+
+    def copies(b, slot):
+        """The async copies of block b's pages (K and V) into buffer `slot`."""
+        b = jnp.minimum(b, last_block)
+        out = []
+        for i in range(pages_per_block):
+            page = block_tables_ref[seq, b * pages_per_block + i]
+            out.append(pltpu.make_async_copy(k_hbm.at[head, page], k_buf.at[slot, i], sems.at[slot, 0]))
+            out.append(pltpu.make_async_copy(v_hbm.at[head, page], v_buf.at[slot, i], sems.at[slot, 1]))
+        return out
+
+    q = q_ref[...].reshape(rows, head_dim)
+    q_pos = pos0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) % block_q  # row r: token r % block_q
+
+    @pl.when(start < stop)
+    def _():
+        for c in copies(start, 0):
+            c.start()
+
+    def body(b, carry):
+        acc, m, l = carry
+        slot = (b - start) % 2
+
+        @pl.when(b + 1 < stop)
+        def _():
+            for c in copies(b + 1, 1 - slot):
+                c.start()
+
+        for c in copies(b, slot):
+            c.wait()
+        k = k_buf[slot].reshape(block_k, head_dim)
+        v = v_buf[slot].reshape(block_k, head_dim)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = b * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
+        if sliding_window is not None:
+            mask &= kv_pos > q_pos - sliding_window
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+        p = jnp.exp(s - m_new)
+        alpha = jnp.exp(m - m_new)
+        acc = alpha * acc + jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                preferred_element_type=jnp.float32)
+        return acc, m_new, alpha * l + p.sum(axis=1, keepdims=True)
+
+    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+    acc, _, l = jax.lax.fori_loop(start, stop, body, init)
+    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).reshape(group, block_q, head_dim).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("max_query_len", "scale", "sliding_window", "soft_cap", "block_q",
+                                             "pages_per_block", "interpret"))
+def ragged_paged_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, seq_lens: jax.Array,
+    query_start_loc: jax.Array, *, max_query_len: int, scale: float, sliding_window: int | None = None,
+    soft_cap: float | None = None, block_q: int | None = None, pages_per_block: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Same contract as reference.ragged_paged_attention, pages in [num_kv_heads, num_pages, page_size, head_dim].
+
+    q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] (padding tokens: zeros).
+    `interpret=True` runs Pallas' TPU interpreter (DMAs and semaphores simulated) on any backend.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    kvh, _, page_size, _ = k_pages.shape
+    group = num_heads // kvh
+    if block_q is None:  # a sublane multiple, or the whole single token of a decode
+        block_q = 1 if max_query_len == 1 else max(8, min(128 // group, 1 << (max_query_len - 1).bit_length()))
+    ppb = pages_per_block or max(1, min(128 // page_size, block_tables.shape[1]))
+    decode_only = max_query_len == 1 and block_q == 1
+    seq, q0, nq, pos0, num_tiles = _tiles(query_start_loc, seq_lens, num_tokens, block_q, decode_only)
+    if block_tables.shape[1] % ppb:
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, ppb - block_tables.shape[1] % ppb)))
+
+    # Tile-major queries [num_tiles, num_heads, block_q, head_dim]: row i of tile t is token q0[t] + i.
+    tok = q0[:, None] + jnp.arange(block_q)[None, :]  # [num_tiles, block_q]
+    valid = jnp.arange(block_q)[None, :] < nq[:, None]
+    q_tiles = jnp.where(valid[..., None, None], q[jnp.clip(tok, 0, num_tokens - 1)], 0).transpose(0, 2, 1, 3)
+
+    kernel = functools.partial(_kernel, pages_per_block=ppb, scale=scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    tile_spec = pl.BlockSpec((None, group, block_q, head_dim), lambda t, h, *_: (t, h, 0, 0))
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    out_tiles = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5,
+            grid=(num_tiles, kvh),
+            in_specs=[tile_spec, hbm, hbm],
+            out_specs=tile_spec,
+            scratch_shapes=[pltpu.VMEM((2, ppb, page_size, head_dim), k_pages.dtype),
+                            pltpu.VMEM((2, ppb, page_size, head_dim), v_pages.dtype),
+                            pltpu.SemaphoreType.DMA((2, 2))]),
+        out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name=f"ragged_paged_attention_tpu_bq{block_q}_ppb{ppb}",
+    )(seq, nq, pos0, seq_lens, block_tables, q_tiles, k_pages, v_pages)
+
+    dest = jnp.where(valid, tok, num_tokens).reshape(-1)
+    out = out_tiles.transpose(0, 2, 1, 3).reshape(num_tiles * block_q, num_heads, head_dim)
+    return jnp.zeros_like(q).at[dest].set(out, mode="drop")
