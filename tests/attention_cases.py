@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.paged_attention import gpu, reference
 
 
 @dataclasses.dataclass
@@ -74,3 +78,27 @@ def naive_attention(case: Case, scale: float, window: int | None, soft_cap: floa
                 out[t + r, h] = (p / p.sum()) @ v
         t += n
     return out
+
+
+TOL = {np.float32: 2e-5, jnp.bfloat16: 3e-2}  # float32: exact dots; bf16 inputs, probabilities and output
+
+
+def run_kernel_and_reference(kernel, case: Case, *, window=None, soft_cap=None, **knobs):
+    """(kernel output, reference output), both [num_tokens, num_heads, head_dim] float32, on the kernel's
+    kv-heads-first page layout; the reference runs in float32 on the same (possibly bf16-rounded) inputs."""
+    kw = dict(max_query_len=case.max_query_len, scale=case.q.shape[-1] ** -0.5, sliding_window=window,
+              soft_cap=soft_cap)
+    f32 = [jnp.asarray(x, jnp.float32) for x in (case.q, case.k_pages, case.v_pages)]
+    ref = reference.ragged_paged_attention(*f32, case.block_tables, case.seq_lens, case.query_start_loc, **kw)
+    out = kernel(jnp.asarray(case.q), gpu.to_layout(jnp.asarray(case.k_pages)), gpu.to_layout(jnp.asarray(case.v_pages)),
+                 case.block_tables, case.seq_lens, case.query_start_loc, **kw, **knobs)
+    return np.asarray(out, np.float32), np.asarray(ref)[:case.num_tokens]
+
+
+def lowering_args(max_query_len: int, group: int, dtype) -> tuple:
+    """Abstract arguments of a Llama-3-8B-shaped call (8 kv heads, head_dim 128, page 16, 512 pages)."""
+    num_tokens, num_seqs = (64, 64) if max_query_len == 1 else (512, 8)
+    pages = jax.ShapeDtypeStruct((8, 512, 16, 128), dtype)
+    return (jax.ShapeDtypeStruct((num_tokens, 8 * group, 128), dtype), pages, pages,
+            jax.ShapeDtypeStruct((num_seqs, 128), jnp.int32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
+            jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32))

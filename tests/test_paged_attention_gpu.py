@@ -16,23 +16,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_attention import gpu, reference
-from tests.attention_cases import make_case
+from tests.attention_cases import TOL, lowering_args, make_case, run_kernel_and_reference
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-TOL = {np.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-def run_both(case, *, window=None, soft_cap=None, **knobs):
-    scale = case.q.shape[-1] ** -0.5
-    kw = dict(max_query_len=case.max_query_len, scale=scale, sliding_window=window, soft_cap=soft_cap)
-    ref = reference.ragged_paged_attention(jnp.asarray(case.q, jnp.float32), jnp.asarray(case.k_pages, jnp.float32),
-                                           jnp.asarray(case.v_pages, jnp.float32), case.block_tables,
-                                           case.seq_lens, case.query_start_loc, **kw)
-    out = gpu.ragged_paged_attention(jnp.asarray(case.q), gpu.to_layout(jnp.asarray(case.k_pages)),
-                                     gpu.to_layout(jnp.asarray(case.v_pages)), case.block_tables, case.seq_lens,
-                                     case.query_start_loc, interpret=True, **kw, **knobs)
-    n = case.num_tokens
-    return np.asarray(out[:n], np.float32), np.asarray(ref[:n])
+def run_both(case, **kw):
+    out, ref = run_kernel_and_reference(functools.partial(gpu.ragged_paged_attention, interpret=True), case, **kw)
+    return out[:case.num_tokens], ref
 
 
 @pytest.mark.parametrize("group,head_dim,page_size,window,soft_cap,dtype", [
@@ -108,11 +99,7 @@ def test_write_kv_matches_reference_layout():
     (64, None, 1, 512, None, False), (1, 3, 3, None, None, False)])
 def test_lowers_to_cuda(dtype, max_query_len, splits, group, window, soft_cap, gather):
     """Cross-lower the Llama-3-8B-shaped call (8 kv heads, head_dim 128, page 16) to CUDA on this CPU."""
-    num_tokens, num_seqs = (64, 64) if max_query_len == 1 else (512, 8)
-    args = (jax.ShapeDtypeStruct((num_tokens, 8 * group, 128), dtype),
-            jax.ShapeDtypeStruct((8, 512, 16, 128), dtype), jax.ShapeDtypeStruct((8, 512, 16, 128), dtype),
-            jax.ShapeDtypeStruct((num_seqs, 128), jnp.int32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
-            jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32))
+    args = lowering_args(max_query_len, group, dtype)
     f = functools.partial(gpu.ragged_paged_attention, max_query_len=max_query_len, scale=0.088,
                           sliding_window=window, soft_cap=soft_cap, num_splits=splits,
                           gather_pages=gather)

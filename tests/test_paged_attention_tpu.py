@@ -15,28 +15,18 @@ import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.paged_attention import gpu, reference, tpu
-from tests.attention_cases import make_case
+from pallas_kernels.paged_attention import tpu
+from tests.attention_cases import TOL, lowering_args, make_case, run_kernel_and_reference
 
 TPU_V6E = jax.sharding.AbstractDevice(device_kind="TPU v6 lite", num_cores=1, platform="tpu")
-TOL = {np.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-def run_both(case, *, window=None, soft_cap=None, **knobs):
-    scale = case.q.shape[-1] ** -0.5
-    kw = dict(max_query_len=case.max_query_len, scale=scale, sliding_window=window, soft_cap=soft_cap)
-    ref = reference.ragged_paged_attention(jnp.asarray(case.q, jnp.float32), jnp.asarray(case.k_pages, jnp.float32),
-                                           jnp.asarray(case.v_pages, jnp.float32), case.block_tables,
-                                           case.seq_lens, case.query_start_loc, **kw)
+def run_both(case, **kw):
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(detect_races=True)):
-        out = tpu.ragged_paged_attention(jnp.asarray(case.q), gpu.to_layout(jnp.asarray(case.k_pages)),
-                                         gpu.to_layout(jnp.asarray(case.v_pages)), case.block_tables,
-                                         case.seq_lens, case.query_start_loc, **kw, **knobs)
-        out = np.asarray(out, np.float32)
+        out, ref = run_kernel_and_reference(tpu.ragged_paged_attention, case, **kw)
         assert not tpu_interpreter.races.races_found
-    n = case.num_tokens
-    assert not out[n:].any()  # padding tokens
-    return out[:n], np.asarray(ref[:n])
+    assert not out[case.num_tokens:].any()  # padding tokens
+    return out[:case.num_tokens], ref
 
 
 @pytest.mark.parametrize("group,head_dim,page_size,window,soft_cap,dtype", [
@@ -70,11 +60,7 @@ def test_decode_batch_double_buffers_many_blocks():
     (1, 4, None, None), (64, 4, 512, 50.0), (64, 1, None, None), (1, 3, 4096, None)])
 def test_lowers_to_tpu(dtype, max_query_len, group, window, soft_cap):
     """Lower the Llama-3-8B-shaped call (8 kv heads, head_dim 128, page 16) for a TPU v6e on this CPU."""
-    num_tokens, num_seqs = (64, 64) if max_query_len == 1 else (512, 8)
-    args = (jax.ShapeDtypeStruct((num_tokens, 8 * group, 128), dtype),
-            jax.ShapeDtypeStruct((8, 512, 16, 128), dtype), jax.ShapeDtypeStruct((8, 512, 16, 128), dtype),
-            jax.ShapeDtypeStruct((num_seqs, 128), jnp.int32), jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
-            jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32))
+    args = lowering_args(max_query_len, group, dtype)
     f = functools.partial(tpu.ragged_paged_attention, max_query_len=max_query_len, scale=0.088,
                           sliding_window=window, soft_cap=soft_cap)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=TPU_V6E)):
