@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import numpy as np
 import torch
 
 from jaxllm import LLM, SamplingParams

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxllm.attention import BACKENDS
+
 # architectures name -> model family (one file per family under jaxllm/models/).
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -25,10 +27,9 @@ ARCHITECTURES: dict[str, str] = {
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
-# "auto", "pallas" and "reference" pick per platform (jaxllm.attention.resolve_backend); the others force one
-# implementation, e.g. a kernel in its interpreter on a CPU (tests, debugging).
-ATTENTION_BACKENDS = ("auto", "pallas", "reference", "pallas-gpu", "pallas-tpu", "pallas-interpret",
-                      "pallas-tpu-interpret")
+# "auto" and "pallas" pick per platform (jaxllm.attention.resolve_backend); the others (attention.BACKENDS)
+# force one implementation, e.g. a kernel in its interpreter on a CPU (tests, debugging).
+ATTENTION_BACKENDS = ("auto", "pallas", *BACKENDS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
                  "half": "float16", "float": "float32"}

@@ -108,7 +108,6 @@ class GGUFModel:
             head_dim = kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
             big = kw["num_hidden_layers"] in (46, 62)
             kw["query_pre_attn_scalar"] = kw["hidden_size"] // kw["num_attention_heads"] if big else head_dim
-        if arch in ("gemma2", "gemma3"):
             kw["layer_types"] = self._layer_types(kw["num_hidden_layers"], default_period=6 if arch == "gemma3" else 2)
         if arch == "gemma3":
             kw["rope_local_base_freq"] = 10000.0

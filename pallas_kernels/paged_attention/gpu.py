@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_attention.reference import MASK_VALUE
+from pallas_kernels.paged_attention.common import (masked_scores, normalize, online_softmax_update, ragged_tiles,
+                                                   softmax_init, visible_blocks)
 
 def to_layout(pages: jax.Array) -> jax.Array:
     """[num_pages, page_size, num_kv_heads, head_dim] (reference layout) -> this backend's layout."""
@@ -74,9 +75,7 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
     q_pos = pos0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group_pad  # [rows, 1]
 
     # The KV range any row of this tile can see, in blocks, and this split's share of it.
-    hi = jnp.minimum(kv_len, pos0 + nq)
-    lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
-    first, last = lo // block_k, (hi + block_k - 1) // block_k
+    first, last = visible_blocks(kv_len, pos0, nq, block_k, sliding_window)
     per_split = (last - first + num_splits - 1) // num_splits
     start = first + split * per_split
     stop = jnp.minimum(last, start + per_split)
@@ -85,16 +84,8 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
         return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
                                    preferred_element_type=jnp.float32)
 
-    def scores(s, first_pos, width: int):
-        """Scale, soft-cap and mask raw q.k scores [rows, width] of keys first_pos, first_pos + 1, ..."""
-        s = s * scale
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        kv_pos = first_pos + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
-        mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
-        if sliding_window is not None:
-            mask &= kv_pos > q_pos - sliding_window
-        return jnp.where(mask, s, MASK_VALUE)
+    scores = functools.partial(masked_scores, q_pos=q_pos, kv_len=kv_len, scale=scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window)
 
     last_block = block_tables_ref.shape[1] // pages_per_block - 1
 
@@ -111,19 +102,10 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
     def update(b, acc, m, l, ks, vs):
         """Online-softmax step over block b, given as per-page lists (or one gathered block)."""
         width = ks[0].shape[0]  # page_size per page, or block_k for one gathered block
-        s = [scores(dot(q, k, 1), b * block_k + i * width, width) for i, k in enumerate(ks)]
-        m_new = m
-        for s_i in s:
-            m_new = jnp.maximum(m_new, s_i.max(axis=1, keepdims=True))
-        alpha = jnp.exp(m - m_new)
-        acc, l = alpha * acc, alpha * l
-        for s_i, v_i in zip(s, vs):
-            p = jnp.exp(s_i - m_new)
-            l = l + p.sum(axis=1, keepdims=True)
-            acc = acc + dot(p.astype(v_i.dtype), v_i, 0)
-        return acc, m_new, l
+        s = [scores(dot(q, k, 1), b * block_k + i * width) for i, k in enumerate(ks)]
+        return online_softmax_update(acc, m, l, s, vs, lambda p, v: dot(p, v, 0))
 
-    init = _softmax_init(rows, head_dim)
+    init = softmax_init(rows, head_dim)
     if gather_pages:  # one gather of the block's pages: k, v [block_k, head_dim]
         def body(b, carry):
             pages = table_block(b)
@@ -139,28 +121,12 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
 
     if num_splits == 1:
         (o_ref,) = out_refs
-        _store_rows(o_ref, acc / jnp.where(l == 0.0, 1.0, l), q0, nq, head, group, group_pad, tile_tokens)
+        _store_rows(o_ref, normalize(acc, l), q0, nq, head, group, group_pad, tile_tokens)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = acc
         m_ref[...] = m
         l_ref[...] = l
-
-
-def _tiles(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens: int, block_q: int, decode_only: bool):
-    """Per tile: (sequence, first token, token count, position of the first token); a static tile count."""
-    num_seqs = seq_lens.shape[0]
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    if decode_only:  # every sequence has at most one query token: one tile per sequence
-        return (jnp.arange(num_seqs, dtype=jnp.int32), query_start_loc[:-1], q_lens, seq_lens - q_lens, num_seqs)
-    tiles_per_seq = (q_lens + block_q - 1) // block_q
-    ends = jnp.cumsum(tiles_per_seq)
-    num_tiles = -(-num_tokens // block_q) + num_seqs - 1
-    t = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), num_seqs - 1).astype(jnp.int32)
-    j = t - (ends[seq] - tiles_per_seq[seq])
-    nq = jnp.clip(q_lens[seq] - j * block_q, 0, block_q)
-    return seq, query_start_loc[seq] + j * block_q, nq, seq_lens[seq] - q_lens[seq] + j * block_q, num_tiles
 
 
 @functools.partial(jax.jit, static_argnames=("max_query_len", "scale", "sliding_window", "soft_cap", "block_q",
@@ -190,7 +156,7 @@ def ragged_paged_attention(
     tile_tokens = max(block_q, 16 // group_pad)  # >= 16 rows for the tensor cores
 
     decode_only = max_query_len == 1 and block_q == 1
-    seq, q0, nq, pos0, num_tiles = _tiles(query_start_loc, seq_lens, num_tokens, block_q, decode_only)
+    seq, q0, nq, pos0, num_tiles = ragged_tiles(query_start_loc, seq_lens, num_tokens, block_q, decode_only)
     if block_tables.shape[1] % ppb:
         block_tables = jnp.pad(block_tables, ((0, 0), (0, ppb - block_tables.shape[1] % ppb)))
     q_in = q
@@ -233,12 +199,6 @@ def _store_rows(o_ref, rows_val, q0, nq, head, group: int, group_pad: int, tile_
     shape = (tile_tokens, group_pad, rows_val.shape[-1])
     plgpu.store(o_ref.at[pl.ds(q0, tile_tokens), pl.ds(head * group, group_pad), :],
                 rows_val.reshape(shape).astype(o_ref.dtype), mask=_io_mask(nq, group, shape))
-
-
-def _softmax_init(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Online-softmax state: accumulator [rows, head_dim], running max and sum [rows, 1]."""
-    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows, 1), jnp.float32))
 
 
 def _io_mask(nq, group: int, shape: tuple[int, int, int]) -> jax.Array:

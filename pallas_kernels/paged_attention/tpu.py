@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.paged_attention.gpu import _tiles
-from pallas_kernels.paged_attention.reference import MASK_VALUE
+from pallas_kernels.paged_attention.common import (masked_scores, normalize, online_softmax_update, ragged_tiles,
+                                                   softmax_init, visible_blocks)
 
 
 def _kernel(tile_seq_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables_ref,  # SMEM (scalar prefetch)
@@ -41,9 +41,7 @@ def _kernel(tile_seq_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables
     kv_len = seq_lens_ref[seq]
     last_block = block_tables_ref.shape[1] // pages_per_block - 1
 
-    hi = jnp.minimum(kv_len, pos0 + nq)
-    lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
-    start, stop = lo // block_k, (hi + block_k - 1) // block_k
+    start, stop = visible_blocks(kv_len, pos0, nq, block_k, sliding_window)
 
     def copies(b, slot):
         """The async copies of block b's pages (K and V) into buffer `slot`."""
@@ -76,25 +74,14 @@ def _kernel(tile_seq_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables
             c.wait()
         k = k_buf[slot].reshape(block_k, head_dim)
         v = v_buf[slot].reshape(block_k, head_dim)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        kv_pos = b * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        mask = (kv_pos <= q_pos) & (kv_pos < kv_len)
-        if sliding_window is not None:
-            mask &= kv_pos > q_pos - sliding_window
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-        p = jnp.exp(s - m_new)
-        alpha = jnp.exp(m - m_new)
-        acc = alpha * acc + jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                preferred_element_type=jnp.float32)
-        return acc, m_new, alpha * l + p.sum(axis=1, keepdims=True)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = masked_scores(s, b * block_k, q_pos, kv_len, scale=scale, soft_cap=soft_cap,
+                          sliding_window=sliding_window)
+        return online_softmax_update(acc, m, l, [s], [v], lambda p, v_: jax.lax.dot_general(
+            p, v_, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
 
-    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
-            jnp.zeros((rows, 1), jnp.float32))
-    acc, _, l = jax.lax.fori_loop(start, stop, body, init)
-    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).reshape(group, block_q, head_dim).astype(o_ref.dtype)
+    acc, _, l = jax.lax.fori_loop(start, stop, body, softmax_init(rows, head_dim))
+    o_ref[...] = normalize(acc, l).reshape(group, block_q, head_dim).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("max_query_len", "scale", "sliding_window", "soft_cap", "block_q",
@@ -117,7 +104,7 @@ def ragged_paged_attention(
         block_q = 1 if max_query_len == 1 else max(8, min(128 // group, 1 << (max_query_len - 1).bit_length()))
     ppb = pages_per_block or max(1, min(128 // page_size, block_tables.shape[1]))
     decode_only = max_query_len == 1 and block_q == 1
-    seq, q0, nq, pos0, num_tiles = _tiles(query_start_loc, seq_lens, num_tokens, block_q, decode_only)
+    seq, q0, nq, pos0, num_tiles = ragged_tiles(query_start_loc, seq_lens, num_tokens, block_q, decode_only)
     if block_tables.shape[1] % ppb:
         block_tables = jnp.pad(block_tables, ((0, 0), (0, ppb - block_tables.shape[1] % ppb)))
 
