@@ -6,10 +6,10 @@ import os
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from jaxllm.config import ConfigError, EngineConfig, JaxLLMError, ModelConfig, ModelLoadError
-from jaxllm.engine import LLM
-from jaxllm.sampling import CompletionOutput, RequestOutput, SamplingParams
+from jaxllm.engine import LLM, LLMEngine
+from jaxllm.sampling import CompletionOutput, Logprob, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig", "ModelConfig",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "Logprob", "RequestOutput", "CompletionOutput", "EngineConfig", "ModelConfig",
            "JaxLLMError", "ConfigError", "ModelLoadError", "__version__"]

@@ -7,6 +7,7 @@ implementation runs, and so which KV page layout is allocated, is decided here o
 
     backend               runs                                            KV pages (per layer, K and V)
     reference             jnp gather + softmax (.../reference.py)         [num_pages, page_size, kv_heads, head_dim]
+    xla                   jnp ragged tiles, dynamic KV loop (xla.py)      as reference
     pallas-gpu            the Pallas GPU kernel (Triton lowering, gpu.py) [kv_heads, num_pages, page_size, head_dim]
     pallas-tpu            the Pallas TPU kernel (Mosaic, tpu.py)          as pallas-gpu
     pallas-interpret      the GPU kernel in Pallas interpret mode (CPU)   as pallas-gpu
@@ -22,9 +23,9 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.paged_attention import gpu, reference, tpu
+from pallas_kernels.paged_attention import gpu, reference, tpu, xla
 
-BACKENDS = ("reference", "pallas-gpu", "pallas-tpu", "pallas-interpret", "pallas-tpu-interpret")
+BACKENDS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "pallas-interpret", "pallas-tpu-interpret")
 _PLATFORM_KERNEL = {"gpu": "pallas-gpu", "tpu": "pallas-tpu", "cpu": "pallas-interpret"}
 
 
@@ -54,10 +55,11 @@ class KVPages(NamedTuple):
 
 
 def resolve_backend(requested: str, platform: str) -> str:
-    """"auto": the Pallas kernel on GPU and TPU, the reference on CPU; "pallas": the platform's kernel, in
-    interpret mode on CPU; "reference": the jnp oracle. Internal names (BACKENDS) pass through."""
+    """"auto": the Pallas kernel on GPU and TPU, the jnp ragged version ("xla") elsewhere; "pallas": the
+    platform's kernel, in interpret mode on CPU; "reference": the jnp oracle (cost grows with the static
+    shapes: for tests and tiny models). Internal names (BACKENDS) pass through."""
     if requested == "auto":
-        return _PLATFORM_KERNEL[platform] if platform in ("gpu", "tpu") else "reference"
+        return _PLATFORM_KERNEL[platform] if platform in ("gpu", "tpu") else "xla"
     if requested == "pallas":
         if platform not in _PLATFORM_KERNEL:
             raise ValueError(f"attention_backend='pallas' has no kernel for platform {platform!r}; use 'reference'")
@@ -68,14 +70,14 @@ def resolve_backend(requested: str, platform: str) -> str:
 
 
 def kv_pages_shape(backend: str, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple:
-    if backend == "reference":
+    if backend in ("reference", "xla"):
         return (num_pages, page_size, num_kv_heads, head_dim)
     return (num_kv_heads, num_pages, page_size, head_dim)
 
 
 def kv_cache_sharding(backend: str, mesh: Mesh) -> NamedSharding:
     """KV heads split across the mesh's model axis, wherever the layout puts them."""
-    spec = PartitionSpec(None, None, "model", None) if backend == "reference" else PartitionSpec("model")
+    spec = PartitionSpec(None, None, "model", None) if backend in ("reference", "xla") else PartitionSpec("model")
     return NamedSharding(mesh, spec)
 
 
@@ -104,8 +106,8 @@ def paged_attention(
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
     """
-    if backend == "reference":
-        impl, write, extra = reference, reference.write_kv, {}
+    if backend in ("reference", "xla"):
+        impl, write, extra = (reference if backend == "reference" else xla), reference.write_kv, {}
     else:  # both kernels use the kv-heads-first layout and its scatter
         impl = tpu if backend.startswith("pallas-tpu") else gpu
         write, extra = gpu.write_kv, {"interpret": backend.endswith("interpret")}

@@ -231,38 +231,71 @@ def check_dtype(dtype: str | Any) -> str:
     return name
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclasses.dataclass
 class EngineConfig:
     """Every knob of the engine, validated once here (messages name the field)."""
 
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the KV pool
     page_size: int = 16
-    num_kv_pages: int | None = None  # None: sized from kv_cache_memory_bytes / memory_utilization
+    num_kv_pages: int | None = None  # None: sized from memory_utilization (accelerators) / cpu_kv_cache_bytes
     memory_utilization: float = 0.9  # fraction of accelerator memory for params + KV pages
     cpu_kv_cache_bytes: int = 1 << 30  # KV pool size on CPU, where free memory is not measured
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64  # sequences in one step (and decode buckets up to this)
+    max_num_batched_tokens: int = 2048  # tokens in one step (the chunked-prefill budget)
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # or "priority" (lower value first, then arrival)
+    tensor_parallel_size: int = 1
     attention_backend: str = "auto"
-    seed: int = 0
+    seed: int = 0  # seeds the per-request seeds of requests that give none
+    warmup: bool | None = None  # compile every step shape at start-up; None: JAXLLM_WARMUP (default on)
+    log_stats_interval: float = 5.0  # seconds between "running/waiting, tokens/s, KV usage" log lines
 
     def __post_init__(self) -> None:
         env_backend = os.environ.get("JAXLLM_ATTENTION_BACKEND")
         if env_backend:
             self.attention_backend = env_backend
+        if self.warmup is None:
+            self.warmup = os.environ.get("JAXLLM_WARMUP", "1").lower() not in ("0", "false", "no")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes"):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.page_size & (self.page_size - 1):
             raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                              f"({self.max_num_seqs}): every running sequence needs a token in a step")
         if self.num_kv_pages is not None and self.num_kv_pages < 1:
             raise ConfigError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if not 0.0 < self.memory_utilization <= 1.0:
             raise ConfigError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                              f"got {self.scheduling_policy!r}")
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache, so a restart skips compiling the step shapes.
+
+    JAXLLM_COMPILATION_CACHE: its directory (default ~/.cache/jaxllm/xla), or "off". Returns the directory."""
+    import jax
+
+    path = os.environ.get("JAXLLM_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllm",
+                                                                   "xla"))
+    if path.lower() in ("off", "0", "none", ""):
+        return None
+    if jax.config.jax_compilation_cache_dir is None:  # an application's own setting wins
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return jax.config.jax_compilation_cache_dir
 
 
 def use_modelscope() -> bool:

@@ -1,69 +1,113 @@
-"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))`, as vLLM users write it.
+"""The engine: requests in, a step at a time, outputs back (vLLM's LLMEngine), and the offline `LLM` API.
 
-This release runs a simple loop over the paged KV cache: requests are admitted while pages last, each
-prompt is prefilled (batched with others, under a token budget), then all admitted sequences decode one
-token per step; a finished sequence gives its pages back and the next waiting request takes them.
-The continuous-batching scheduler (chunked prefill mixed with decode, preemption, prefix caching,
-the on-device sampler) replaces this loop in the engine issue.
+    engine = LLMEngine(model)                 # load, size the KV pool, compile the step shapes
+    engine.add_request("a", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for out in engine.step():             # schedule -> run the jitted step -> append tokens, stop checks
+            ...
+
+A step: the scheduler picks the sequences and their token counts, the runner packs them into a static
+shape and runs the model and the sampler on the device, and the engine appends the sampled tokens,
+detokenizes them incrementally and applies the stop conditions (EOS, stop_token_ids, stop strings,
+max_tokens, the context length).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections import deque
+import logging
+import random
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence as Seq
 
-from jaxllm.config import EngineConfig
-from jaxllm.kv_cache import BlockAllocator, pages_needed
+from jaxllm.config import EngineConfig, enable_compilation_cache
+from jaxllm.detokenizer import IncrementalDetokenizer
+from jaxllm.kv_cache import KVCacheManager
 from jaxllm.runner import ModelRunner, SeqInput
-from jaxllm.sampling import CompletionOutput, RequestOutput, SamplingParams
+from jaxllm.sampler import MAX_LOGPROBS, SAMPLING_EPS
+from jaxllm.sampling import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from jaxllm.scheduler import Scheduler, Sequence, SeqStatus
+from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import apply_chat_template
 from jaxllm.weights import load_model
+
+logger = logging.getLogger("jaxllm")
 
 PromptType = str | dict[str, Any]
 
 
 @dataclasses.dataclass
-class _Sequence:
+class _Output:
+    """A sequence's output bookkeeping: incremental text, logprobs."""
+
+    detok: IncrementalDetokenizer
+    text: str = ""  # what has been released (stop-string hold-back applied)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+
+
+@dataclasses.dataclass
+class _Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    max_tokens: int
-    output_token_ids: list[int] = dataclasses.field(default_factory=list)
-    block_table: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | None = None
+    seqs: list[Sequence]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        completions = []
+        for s in self.seqs:
+            o: _Output = s.state
+            completions.append(CompletionOutput(s.index, o.text, list(s.output_token_ids), s.finish_reason,
+                                                s.stop_reason, o.cumulative_logprob if o.logprobs is not None
+                                                else None, o.logprobs))
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, self.finished,
+                             self.prompt_logprobs)
 
 
-class LLM:
-    """Load a model and generate from it.
+def _needs_state(p: SamplingParams) -> bool:
+    """Whether the sampler needs this sequence's history on the device (penalties, bias, min_tokens)."""
+    return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or bool(p.logit_bias) or p.min_tokens > 0)
 
-    model: a Hugging Face directory, a GGUF file, a jaxllm checkpoint, or a hub id; None runs the
-    embedded SmolLM2-135M-Instruct. dtype: "auto" (checkpoint dtype on GPU/TPU, float32 on CPU),
-    "bfloat16", "float32" or "float16". Engine knobs (max_model_len, page_size, num_kv_pages,
-    memory_utilization / gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, attention_backend)
-    go to EngineConfig.
-    """
+
+def _needs_sampler(p: SamplingParams) -> bool:
+    greedy = p.temperature < SAMPLING_EPS or p.top_k == 1
+    return not greedy or _needs_state(p) or p.logprobs is not None
+
+
+class LLMEngine:
+    """Continuous batching over the paged KV cache, driven one `step()` at a time."""
 
     def __init__(self, model: str | Path | None = None, *, tokenizer: str | Path | None = None,
                  dtype: Any = "auto", revision: str | None = None, gpu_memory_utilization: float | None = None,
                  **engine_kwargs: Any) -> None:
         if gpu_memory_utilization is not None:
             engine_kwargs["memory_utilization"] = gpu_memory_utilization
-        self.engine_config = EngineConfig(**engine_kwargs)
+        self.config = EngineConfig(**engine_kwargs)
+        enable_compilation_cache()
         self.model = load_model(model, dtype=dtype, tokenizer=tokenizer, revision=revision,
-                                attention_backend=self.engine_config.attention_backend)
+                                attention_backend=self.config.attention_backend,
+                                mesh=make_mesh(self.config.tensor_parallel_size))
         self.tokenizer = self.model.tokenizer
-        self.runner = ModelRunner(self.model, self.engine_config)
-        self.allocator = BlockAllocator(self.runner.num_pages)
-        self._ids = itertools.count()
+        self.runner = ModelRunner(self.model, self.config)
+        self.kv = KVCacheManager(self.runner.num_pages, self.runner.page_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._rng = random.Random(self.config.seed)
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self._last_log, self._logged = time.monotonic(), dict(self.stats)
+        if self.config.warmup:
+            self.runner.warmup(lambda msg: logger.info(msg))
 
     @property
     def max_model_len(self) -> int:
@@ -72,37 +116,62 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete each prompt (a string, or {"prompt_token_ids": [...]}); outputs keep the prompts' order."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams(temperature=0.0)
-        params_list = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
-                       else list(sampling_params))
-        if len(params_list) != len(prompts):
-            raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
-        seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params_list)]
-        self._run(seqs)
-        return [self._output(s) for s in seqs]
+    # ---------------------------------------------------------------------------------- requests
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, *,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generate replies to conversations rendered with the model's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": apply_chat_template(self.tokenizer, conv, chat_template=chat_template,
-                                                            add_generation_prompt=add_generation_prompt)}
-                   for conv in conversations]
-        return self.generate(prompts, sampling_params)
-
-    # ------------------------------------------------------------------------------------------------
-
-    def _make_sequence(self, prompt: PromptType, params: SamplingParams) -> _Sequence:
+    def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None, *,
+                    priority: int = 0) -> str:
+        """Queue a prompt (a string, {"prompt": str} or {"prompt_token_ids": [...]}); returns its request id.
+        Bad input raises ValueError/TypeError here, before anything is queued."""
+        params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        params.check_supported()
+        text, token_ids = self._tokenize(prompt)
+        max_tokens = self._check_lengths(token_ids, params)
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {params.logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {params.prompt_logprobs}")
+        vocab = self.model.config.vocab_size
+        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        arrival = next(self._seq_ids)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            if params.seed is None:
+                seed = self._rng.getrandbits(32)
+            else:
+                seed = params.seed if i == 0 else hash((params.seed, i)) & 0xFFFFFFFF
+            seq = Sequence(next(self._seq_ids), request_id, i, list(token_ids), len(token_ids), params, max_tokens,
+                           seed, arrival, priority, parent=seqs[0] if seqs else None)
+            seq.state = _Output(IncrementalDetokenizer(self.tokenizer, token_ids,
+                                                       skip_special_tokens=params.skip_special_tokens,
+                                                       stop=params.stop,
+                                                       include_stop_str_in_output=params.include_stop_str_in_output),
+                                logprobs=[] if params.logprobs is not None else None)
+            seqs.append(seq)
+        request = _Request(request_id, text, list(token_ids), params, seqs,
+                           [None] if params.prompt_logprobs is not None else None)
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests (finish_reason "abort") and free their pages; unknown ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            for seq in request.seqs if request else []:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             text, token_ids = prompt, list(self.tokenizer.encode(prompt))
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -116,67 +185,220 @@ class LLM:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        room = self.max_model_len - len(token_ids)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
-                             f"{self.max_model_len} tokens, which leaves no room to generate")
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if len(token_ids) + max_tokens > self.max_model_len:
-            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; you requested "
-                             f"{len(token_ids) + max_tokens} ({len(token_ids)} in the prompt + max_tokens="
-                             f"{max_tokens}); lower max_tokens or shorten the prompt")
-        return _Sequence(str(next(self._ids)), text, token_ids, params, max_tokens)
+        return text, token_ids
 
-    def _run(self, seqs: list[_Sequence]) -> None:
-        waiting, running = deque(seqs), []
-        while waiting or running:
-            prefill = self._admit(waiting, len(running))
-            if prefill:
-                batch = [SeqInput(s.prompt_token_ids, 0, s.block_table) for s in prefill]
-                self._append(prefill, self.runner.execute(batch))
-                running += [s for s in prefill if s.finish_reason is None]
-            elif running:
-                batch = [SeqInput(s.output_token_ids[-1:], len(s.all_token_ids) - 1, s.block_table) for s in running]
-                self._append(running, self.runner.execute(batch))
-                running = [s for s in running if s.finish_reason is None]
-            else:  # submission checks that every request fits the pool on its own
-                raise RuntimeError("no request could be admitted")
+    def _check_lengths(self, token_ids: list[int], params: SamplingParams) -> int:
+        """max_tokens for this prompt; a request that cannot fit the context is refused (max_model_len never
+        exceeds the pool, so a request that fits the context fits the pool alone, if need be by preempting)."""
+        n, limit = len(token_ids), self.max_model_len
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens; this model's maximum context length is {limit} tokens, "
+                             "which leaves no room to generate; shorten the prompt or raise max_model_len")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if n + max_tokens > limit:
+            raise ValueError(f"this model's maximum context length is {limit} tokens; you requested "
+                             f"{n + max_tokens} ({n} in the prompt + max_tokens={max_tokens}); lower max_tokens "
+                             "or shorten the prompt")
+        return max_tokens
 
-    def _admit(self, waiting: deque[_Sequence], num_running: int) -> list[_Sequence]:
-        """Take waiting requests in order while sequence slots, the token budget and pages allow.
+    # -------------------------------------------------------------------------------------- step
 
-        Pages for the prompt and all max_tokens are taken up front, so a running sequence never waits."""
-        admitted: list[_Sequence] = []
-        num_tokens = 0
-        while waiting and num_running + len(admitted) < self.engine_config.max_num_seqs:
-            seq = waiting[0]
-            n = len(seq.prompt_token_ids)
-            if admitted and num_tokens + n > self.engine_config.max_num_batched_tokens:
-                break
-            need = pages_needed(n + seq.max_tokens, self.runner.page_size)
-            if need > self.allocator.num_free:
-                break
-            seq.block_table = self.allocator.allocate(need)
-            admitted.append(waiting.popleft())
-            num_tokens += n
-        return admitted
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of the requests that advanced (cumulative, vLLM style)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not schedule any sequence; the KV pool is too small "
+                                   "for the waiting requests")
+            return []
+        for seq in batch.admitted:
+            if _needs_state(seq.params):
+                p = seq.params
+                stop_ids = list(self.model.config.eos_token_ids) * (not p.ignore_eos) + p.stop_token_ids
+                self.runner.register(seq.slot, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
+                                     p.logit_bias, stop_ids)
+        inputs, sample_rows, row_params, targets = [], [], [], []
+        use_sampler = want_plp = False
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            inputs.append(SeqInput(seq.token_ids[start:start + n], start, seq.block_table))
+            samples = start + n == seq.num_tokens
+            sample_rows.append(samples)
+            row_params.append((seq.params, seq.seed, seq.num_output_tokens, seq.slot,
+                               seq.num_output_tokens < seq.params.min_tokens))
+            use_sampler |= samples and _needs_sampler(seq.params)
+            if seq.params.prompt_logprobs is not None and start + 1 < seq.num_prompt_tokens:
+                want_plp = True
+                targets.append([seq.token_ids[p + 1] if p + 1 < seq.num_prompt_tokens else 0
+                                for p in range(start, start + n)])
+            else:
+                targets.append([0] * n)
+        out = self.runner.execute(inputs, sample_rows, row_params, targets, use_sampler, want_plp)
+        self.scheduler.update(batch)
 
-    def _append(self, seqs: list[_Sequence], tokens: list[int]) -> None:
-        eos = set(self.model.config.eos_token_ids)
-        for seq, token in zip(seqs, tokens):
-            seq.output_token_ids.append(token)
-            if token in seq.params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif token in eos and not seq.params.ignore_eos:
-                seq.finish_reason = "stop"
-            elif len(seq.output_token_ids) >= seq.max_tokens:
-                seq.finish_reason = "length"
-            if seq.finish_reason is not None:
-                self.allocator.free(seq.block_table)
-                seq.block_table = []
+        touched: dict[str, _Request] = {}
+        t = 0
+        for i, (seq, n, inp) in enumerate(zip(batch.seqs, batch.num_new_tokens, inputs)):
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.prompt_logprobs is not None and seq.index == 0:
+                self._record_prompt_logprobs(request, inp.num_computed_tokens, n, out.prompt_logprobs, t)
+            t += n
+            if inp.num_computed_tokens < seq.num_prompt_tokens:
+                self.stats["prompt_tokens"] += n
+            if sample_rows[i] and not seq.is_finished:
+                self._append_token(seq, int(out.tokens[i]), out.logprobs, i)
+                self.stats["generated_tokens"] += 1
+            if request is not None:
+                touched[request.request_id] = request
+        self.stats["steps"] += 1
+        outputs = []
+        for request in touched.values():
+            outputs.append(request.output())
+            if request.finished:
+                del self.requests[request.request_id]
+        self._log_stats()
+        return outputs
 
-    def _output(self, seq: _Sequence) -> RequestOutput:
-        tokens = seq.output_token_ids
-        text = self.tokenizer.decode(tokens, skip_special_tokens=seq.params.skip_special_tokens)
-        completion = CompletionOutput(0, text, tokens, seq.finish_reason, seq.stop_reason)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion])
+    def _append_token(self, seq: Sequence, token: int, logprobs: Any, row: int) -> None:
+        p, o = seq.params, seq.state
+        seq.token_ids.append(token)
+        if o.logprobs is not None:
+            lp = float(logprobs.token_logprob[row])
+            o.cumulative_logprob += lp
+            o.logprobs.append(self._logprob_dict(token, lp, int(logprobs.token_rank[row]),
+                                                 logprobs.top_ids[row], logprobs.top_logprobs[row], p.logprobs))
+        num_out = seq.num_output_tokens
+        past_min = num_out >= p.min_tokens
+        stop_str = o.detok.add_tokens([token], check_stop=past_min)
+        reason: tuple[str, Any] | None = None
+        if stop_str is not None:
+            reason = ("stop", stop_str)
+        elif past_min and token in p.stop_token_ids:
+            reason = ("stop", token)
+        elif past_min and not p.ignore_eos and token in self.model.config.eos_token_ids:
+            reason = ("stop", None)
+        elif num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = ("length", None)
+        if reason is not None:
+            self.scheduler.finish(seq, *reason)
+        o.text += o.detok.get_delta(finished=reason is not None)
+
+    def _logprob_dict(self, token: int, logprob: float, rank: int, top_ids: Any, top_lps: Any, k: int
+                      ) -> dict[int, Logprob]:
+        """vLLM's per-position logprobs: the chosen token, then the top k (a dict keeps the first entry)."""
+        entries = {token: Logprob(logprob, rank, self.tokenizer.decode([token]))}
+        for r, (tid, tlp) in enumerate(zip(top_ids[:k], top_lps[:k])):
+            entries.setdefault(int(tid), Logprob(float(tlp), r + 1, self.tokenizer.decode([int(tid)])))
+        return entries
+
+    def _record_prompt_logprobs(self, request: _Request, start: int, n: int, plp: Any, offset: int) -> None:
+        """Entries for prompt positions start+1 .. (the first prompt token has none, as in vLLM)."""
+        k = request.params.prompt_logprobs
+        for j in range(n):
+            pos = start + j + 1  # the prompt token these logits predict
+            if pos >= len(request.prompt_token_ids) or pos < len(request.prompt_logprobs):
+                continue  # past the prompt, or seen before a preemption
+            request.prompt_logprobs.append(self._logprob_dict(
+                request.prompt_token_ids[pos], float(plp.token_logprob[offset + j]),
+                int(plp.token_rank[offset + j]), plp.top_ids[offset + j], plp.top_logprobs[offset + j], k))
+
+    def _log_stats(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_log
+        if elapsed < self.config.log_stats_interval:
+            return
+        prompt = self.stats["prompt_tokens"] - self._logged["prompt_tokens"]
+        gen = self.stats["generated_tokens"] - self._logged["generated_tokens"]
+        logger.info("running: %d, waiting: %d, prompt: %.1f tok/s, generation: %.1f tok/s, KV cache: %.1f%%, "
+                    "prefix cache hits: %d tokens, preemptions: %d", len(self.scheduler.running),
+                    len(self.scheduler.waiting), prompt / elapsed, gen / elapsed, 100 * self.kv.usage,
+                    self.kv.num_cache_hits, self.scheduler.num_preemptions)
+        self._last_log, self._logged = now, dict(self.stats)
+
+
+class LLM:
+    """The offline API, as vLLM users write it: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+    model: a Hugging Face directory, a GGUF file, a jaxllm checkpoint, or a hub id; None runs the embedded
+    SmolLM2-135M-Instruct. dtype: "auto" (checkpoint dtype on GPU/TPU, float32 on CPU), "bfloat16",
+    "float32" or "float16". Engine knobs (EngineConfig: max_model_len, page_size, num_kv_pages,
+    memory_utilization / gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
+    enable_prefix_caching, tensor_parallel_size, seed, attention_backend, ...) are keyword arguments.
+    """
+
+    def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(model, **kwargs)
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.llm_engine.config
+
+    @property
+    def model(self) -> Any:
+        return self.llm_engine.model
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm_engine.max_model_len
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt (a string, or {"prompt_token_ids": [...]}); outputs keep the prompts' order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                       else list(sampling_params))
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                ids.append(engine.add_request(None, prompt, params))
+        except Exception:
+            engine.abort_request(ids)  # all or nothing: a bad prompt queues none of the batch
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to conversations rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": apply_chat_template(self.get_tokenizer(), conv, chat_template=chat_template,
+                                                            add_generation_prompt=add_generation_prompt)}
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine, wanted = self.llm_engine, set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and ids:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while len(done) < len(ids):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in ids]
+
+
+__all__ = ["LLM", "LLMEngine", "SeqStatus"]

@@ -1,8 +1,7 @@
-"""SamplingParams with vLLM's fields, defaults and validation.
+"""SamplingParams with vLLM's fields, defaults and validation, and the outputs a request gets back.
 
-This release decodes greedily on the device; the parameters that need the sampler (temperature > 0,
-top-k/p, penalties, logprobs, stop strings, n > 1, ...) are validated now and refused with a clear error
-until the continuous-batching engine brings the on-device sampler.
+The parameters are applied on the device by jaxllm.sampler (temperature, top-k/p, min-p, penalties,
+logit bias, seeds, logprobs) and on the host by the engine (stop strings and tokens, min/max tokens, n).
 """
 
 from __future__ import annotations
@@ -65,33 +64,27 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop is not None and any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a string or a list of non-empty strings")
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids or []]
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError("logit_bias must map token ids to numbers") from None
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    def unsupported(self) -> list[str]:
-        """The fields set to values this release cannot honour yet (the engine issue brings them)."""
-        defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(self)}
-        pending = ("n", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                   "seed", "stop", "min_tokens", "logprobs", "prompt_logprobs", "logit_bias")
-        bad = [] if self.greedy else ["temperature"]
-        for name in pending:
-            value = getattr(self, name)
-            if name == "top_k" and value in (0, -1, 1):
-                continue
-            if value not in (defaults[name], None, [], {}):
-                bad.append(name)
-        return bad
 
-    def check_supported(self) -> None:
-        bad = self.unsupported()
-        if bad:
-            raise NotImplementedError(
-                f"this release decodes greedily; {', '.join(bad)} need the sampler of the continuous-batching "
-                "engine (not built yet). Use SamplingParams(temperature=0, max_tokens=..., ignore_eos=..., "
-                "stop_token_ids=...)")
+@dataclasses.dataclass
+class Logprob:
+    """The log-probability of one token at one position (vLLM's Logprob); rank 1 is the most likely."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclasses.dataclass
@@ -101,19 +94,19 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS or a stop token) or "length"
-    stop_reason: int | str | None = None  # the stop token id that ended it, None for EOS or length
-    cumulative_logprob: float | None = None
-    logprobs: Any = None
+    finish_reason: str | None = None  # "stop" (EOS, a stop token or string), "length" or "abort"; None: running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for EOS/length
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs, when logprobs were asked for
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token: the chosen one and the top `logprobs`
 
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A finished request (vLLM's RequestOutput)."""
+    """A request's outputs so far (vLLM's RequestOutput); `finished` once every completion stopped."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
-    prompt_logprobs: Any = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token; None for the first

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch slows 10x when it fights JAX for the 2 cores
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAXLLM_WARMUP", "0")  # step shapes compile when first used; test_engine checks warm-up
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -14,8 +14,9 @@ from jaxllm.weights import load_model
 from tests.tiny_models import VARIANTS, VOCAB, hf_greedy, hf_logits
 
 PAGE = 8
-# "pallas" runs the GPU kernel in interpret mode on CPU; "pallas-tpu-interpret" the TPU kernel in the TPU interpreter.
-BACKENDS = ["reference", "pallas", "pallas-tpu-interpret"]
+# "xla" is the CPU serving path; "pallas" runs the GPU kernel in interpret mode on CPU; "pallas-tpu-interpret" the
+# TPU kernel in the TPU interpreter.
+BACKENDS = ["reference", "pallas", "pallas-tpu-interpret", "xla"]
 PROMPT_LENS = (5, 17, 40)  # 40 > the sliding window (8) and spans several pages
 
 
@@ -91,12 +92,14 @@ def test_chunked_prefill_over_cached_pages(variant, backend, tiny_model):
     assert rel_err(np.concatenate([first[0], second[0]]), ref) < 1e-4
 
 
-@pytest.mark.parametrize("variant,backend", [(v, b) for v in VARIANTS for b in BACKENDS[:2]]
-                         + [("qwen3", BACKENDS[2]), ("gemma3", BACKENDS[2])])
+@pytest.mark.parametrize("variant,backend", [(v, b) for v in VARIANTS for b in ("xla", "pallas")]
+                         + [("qwen3", "pallas-tpu-interpret"), ("gemma3", "pallas-tpu-interpret"),
+                            ("gemma2", "reference")])
 def test_greedy_continuation_matches_transformers(variant, backend, tiny_model):
     """32 greedy tokens through LLM.generate (paged prefill + decode) equal transformers' generate."""
     path, hf = tiny_model(variant)
-    llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, attention_backend=backend)
+    llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, attention_backend=backend, max_num_seqs=4,
+              max_num_batched_tokens=64)
     batch = prompts(seed=5)
     outs = llm.generate([{"prompt_token_ids": p} for p in batch],
                         SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))

@@ -24,7 +24,7 @@ def test_config_from_gguf(smollm_llm):
     assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (
         "LlamaForCausalLM", 30, 576, 9, 3, 64, 49152)
     assert c.tie_word_embeddings and c.ropes[0].theta == 100000.0
-    assert smollm_llm.tokenizer.decode(list(c.eos_token_ids)) == "<|im_end|>"
+    assert smollm_llm.get_tokenizer().decode(list(c.eos_token_ids)) == "<|im_end|>"
 
 
 def test_greedy_continuation(smollm_llm, smollm_hf):
@@ -42,7 +42,7 @@ def test_logits_match_transformers(smollm_llm, smollm_hf):
     ids = tok.encode("Paged attention stores keys and values in pages of sixteen tokens; a block table maps them.")
     loaded = smollm_llm.model
     input_ids, positions, md, _ = prepare_batch([SeqInput(ids, 0, list(range(8)))], 16, 64, 8)
-    logits, _ = loaded.module.apply({"params": loaded.params}, input_ids, positions, smollm_llm.runner.kv_caches, md)
+    logits, _ = loaded.module.apply({"params": loaded.params}, input_ids, positions, smollm_llm.llm_engine.runner.kv_caches, md)
     ours = np.asarray(logits)[:len(ids)]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
@@ -51,7 +51,7 @@ def test_logits_match_transformers(smollm_llm, smollm_hf):
 
 def test_chat_template_as_transformers(smollm_llm, smollm_hf):
     _, ref_tok = smollm_hf
-    ours = smollm_llm.tokenizer
+    ours = smollm_llm.get_tokenizer()
     for conv in CONVERSATIONS:
         for gen in (True, False):
             text = ours.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)

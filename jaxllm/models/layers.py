@@ -191,6 +191,8 @@ class CausalLM(nn.Module):
     A family subclasses this and names its decoder layer; the layer is where the families differ.
     __call__(input_ids [num_tokens], positions [num_tokens], kv_caches [one KVPages per layer], md,
     logits_indices [n] or None) -> (logits [n or num_tokens, vocab] float32, new kv_caches).
+    The engine calls the two halves, `hidden_states` and `logits`, so that it can project only the rows
+    it samples from (and every row when prompt logprobs are asked for).
     """
 
     config: ModelConfig
@@ -200,30 +202,42 @@ class CausalLM(nn.Module):
     layer_cls: ClassVar[type[DecoderLayer]]
     scale_embeddings: ClassVar[bool] = False  # Gemma multiplies embeddings by sqrt(hidden_size)
 
-    @nn.compact
+    def setup(self) -> None:
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                                     embedding_init=_init(("vocab", "embed")))
+        self.layers = [self.layer_cls(c, i, self.dtype, self.backend) for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one, self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), False, self.dtype, None)
+
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[KVPages],
                  md: AttentionMetadata, logits_indices: jax.Array | None = None
                  ) -> tuple[jax.Array, list[KVPages]]:
+        x, new_caches = self.hidden_states(input_ids, positions, kv_caches, md)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.logits(x), new_caches
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[KVPages],
+                      md: AttentionMetadata) -> tuple[jax.Array, list[KVPages]]:
+        """The final-normed hidden states [num_tokens, embed] and the updated KV caches."""
         c = self.config
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-                         embedding_init=_init(("vocab", "embed")), name="embed_tokens")
-        x = embed(input_ids)  # [num_tokens, embed]
+        x = self.embed_tokens(input_ids)  # [num_tokens, embed]
         if self.scale_embeddings:
             x = x * jnp.asarray(c.hidden_size ** 0.5, self.dtype)
         ropes = {r: rope_cos_sin(positions, r, c.head_dim) for r in dict.fromkeys(c.ropes)}
         new_caches = []
-        for i in range(c.num_layers):
-            x, kv = self.layer_cls(c, i, self.dtype, self.backend, name=f"layers_{i}")(x, ropes[c.ropes[i]],
-                                                                                         kv_caches[i], md)
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, ropes[c.ropes[i]], kv_caches[i], md)
             new_caches.append(kv)
-        x = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="norm")(x)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        if c.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = dense(c.vocab_size, ("embed", "vocab"), False, self.dtype, "lm_head")(x)
+        return self.norm(x), new_caches
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """[n, embed] -> float32 logits [n, vocab] (Gemma 2: soft-capped)."""
+        c = self.config
+        logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
         logits = logits.astype(jnp.float32)
         if c.final_logit_softcap is not None:
             logits = c.final_logit_softcap * jnp.tanh(logits / c.final_logit_softcap)
-        return logits, new_caches
+        return logits
