@@ -16,6 +16,7 @@ implementation runs, and so which KV page layout is allocated, is decided here o
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -75,10 +76,13 @@ def kv_pages_shape(backend: str, num_pages: int, page_size: int, num_kv_heads: i
     return (num_kv_heads, num_pages, page_size, head_dim)
 
 
-def kv_cache_sharding(backend: str, mesh: Mesh) -> NamedSharding:
+def kv_pages_spec(backend: str) -> PartitionSpec:
     """KV heads split across the mesh's model axis, wherever the layout puts them."""
-    spec = PartitionSpec(None, None, "model", None) if backend in ("reference", "xla") else PartitionSpec("model")
-    return NamedSharding(mesh, spec)
+    return PartitionSpec(None, None, "model", None) if backend in ("reference", "xla") else PartitionSpec("model")
+
+
+def kv_cache_sharding(backend: str, mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, kv_pages_spec(backend))
 
 
 def allocate_kv_pages(backend: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
@@ -104,8 +108,22 @@ def paged_attention(
 ) -> tuple[jax.Array, KVPages]:
     """Write this step's k, v [num_tokens, num_kv_heads, head_dim] into the pages, then attend.
 
-    q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
+    q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]. Under a mesh whose `model`
+    axis has several devices (tensor parallelism, `jax.set_mesh`), each device runs the implementation on
+    its own heads and pages (shard_map): attention never mixes heads, so no communication is needed.
     """
+    attend = functools.partial(_paged_attention, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                               backend=backend)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get("model", 1) == 1:
+        return attend(q, k, v, kv, md)
+    heads, pages = PartitionSpec(None, "model", None), kv_pages_spec(backend)
+    return jax.shard_map(attend, in_specs=(heads, heads, heads, KVPages(pages, pages), PartitionSpec()),
+                         out_specs=(heads, KVPages(pages, pages)), check_vma=False)(q, k, v, kv, md)
+
+
+def _paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KVPages, md: AttentionMetadata, *, scale: float,
+                     sliding_window: int | None, soft_cap: float | None, backend: str) -> tuple[jax.Array, KVPages]:
     if backend in ("reference", "xla"):
         impl, write, extra = (reference if backend == "reference" else xla), reference.write_kv, {}
     else:  # both kernels use the kv-heads-first layout and its scatter

@@ -130,8 +130,8 @@ class ModelRunner:
         self.platform = device.platform
         self.page_size = engine.page_size
         self.num_slots = engine.max_num_seqs + 1  # the last slot belongs to padding rows
-        replicated = NamedSharding(loaded.mesh, PartitionSpec())
-        self.sampler_state: SamplerState = sampler.init_state(self.num_slots, c.vocab_size, replicated)
+        self.replicated = NamedSharding(loaded.mesh, PartitionSpec())
+        self.sampler_state: SamplerState = sampler.init_state(self.num_slots, c.vocab_size, self.replicated)
         state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.sampler_state))
         self.num_pages = num_pages_for(c, engine, loaded.dtype, device, reserved_bytes=state_bytes)
         capacity = self.num_pages * self.page_size
@@ -196,7 +196,8 @@ class ModelRunner:
     def _executable(self, key: tuple[int, int, int], x: StepInputs, st: SamplingTensors) -> Any:
         exe = self._compiled.get(key)
         if exe is None:
-            exe = self._jitted.lower(self.loaded.params, self.kv_caches, self.sampler_state, x, st).compile()
+            with jax.set_mesh(self.loaded.mesh):  # tensor parallel: attention runs per device (shard_map)
+                exe = self._jitted.lower(self.loaded.params, self.kv_caches, self.sampler_state, x, st).compile()
             self._compiled[key] = exe
             self.num_compilations += 1
         return exe
@@ -234,7 +235,7 @@ class ModelRunner:
         params, seeds, steps, slots, ban = (list(z) for z in zip(*row_params)) if row_params else ([], [], [], [], [])
         st = SamplingTensors.from_rows(params, seeds, steps, slots, ban, num_rows=num_seqs,
                                        pad_slot=self.num_slots - 1)
-        return jax.device_put(x), st
+        return jax.device_put((x, st), self.replicated)
 
     def execute(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple],
                 prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool) -> StepOutput:

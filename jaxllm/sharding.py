@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxllm.config import ConfigError
+
 MESH_AXES = ("data", "model")
 
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
@@ -27,11 +29,20 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def check_tensor_parallel(config: Any, tensor_parallel_size: int) -> None:
+    """Every sharded dimension must split evenly over the model axis; say which one does not."""
+    dims = {"num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+            "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size}
+    for name, n in dims.items():
+        if n % tensor_parallel_size:
+            raise ConfigError(f"tensor_parallel_size={tensor_parallel_size} must divide the model's {name} ({n})")
+
+
 def make_mesh(tensor_parallel_size: int = 1, devices: list | None = None) -> Mesh:
     """A (data=1, model=tensor_parallel_size) mesh over the first devices of the default backend."""
     devices = devices if devices is not None else jax.devices()
     if tensor_parallel_size > len(devices):
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but only {len(devices)} device(s) are visible")
+        raise ConfigError(f"tensor_parallel_size={tensor_parallel_size} but only {len(devices)} device(s) are visible")
     return Mesh(np.asarray(devices[:tensor_parallel_size]).reshape(1, tensor_parallel_size), MESH_AXES)
 
 

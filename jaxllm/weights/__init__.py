@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jaxllm.attention import resolve_backend
 from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype, resolve_dtype
 from jaxllm.models import CausalLM, abstract_params, build_model
-from jaxllm.sharding import make_mesh, param_shardings
+from jaxllm.sharding import check_tensor_parallel, make_mesh, param_shardings
 from jaxllm.tokenizer import generation_eos_ids, load_hf_tokenizer
 from jaxllm.weights.checkpoint import read_marker, restore_params, save_checkpoint
 from jaxllm.weights.gguf import GGUFModel
@@ -64,6 +64,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         ropes = tuple(dataclasses.replace(r, freq_factors=tuple(freq_factors)) for r in config.ropes)
         config = dataclasses.replace(config, ropes=ropes)
 
+    check_tensor_parallel(config, mesh.shape["model"])
     module = build_model(config, resolve_dtype(dtype, config, platform), resolve_backend(attention_backend, platform))
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
