@@ -41,7 +41,7 @@ def main() -> int:
                 ours = ragged_logits(loaded, [(p, 0, t) for p, t in zip(batch, tables)], num_pages=32)
                 errs[loaded.module.backend] = max(rel_err(o, tiny_models.hf_logits(hf, p).numpy())
                                                   for p, o in zip(batch, ours))
-            llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=8)
+            llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=8, warmup=False)
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts(seed=5)],
                                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
             same = all(o.outputs[0].token_ids == tiny_models.hf_greedy(hf, p, 32)

@@ -250,6 +250,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
     seed: int = 0  # seeds the per-request seeds of requests that give none
+    async_scheduling: bool = True  # launch step N+1 before processing step N's output on the host
     warmup: bool | None = None  # compile every step shape at start-up; None: JAXLLM_WARMUP (default on)
     log_stats_interval: float = 5.0  # seconds between "running/waiting, tokens/s, KV usage" log lines
 

@@ -28,7 +28,7 @@ from jaxllm.kv_cache import KVCacheManager
 from jaxllm.runner import ModelRunner, SeqInput
 from jaxllm.sampler import MAX_LOGPROBS, SAMPLING_EPS
 from jaxllm.sampling import CompletionOutput, Logprob, RequestOutput, SamplingParams
-from jaxllm.scheduler import Scheduler, Sequence, SeqStatus
+from jaxllm.scheduler import PLACEHOLDER, ScheduledBatch, Scheduler, Sequence, SeqStatus
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import apply_chat_template
 from jaxllm.weights import load_model
@@ -72,6 +72,17 @@ class _Request:
                              self.prompt_logprobs)
 
 
+@dataclasses.dataclass
+class _Launched:
+    """A step on the device whose output the host has not processed yet."""
+
+    batch: ScheduledBatch
+    starts: list[int]  # each sequence's num_computed_tokens before the step
+    sample_rows: list[bool]
+    rows: dict[int, int]  # seq_id -> output row, for the sequences that sample
+    handle: Any
+
+
 def _needs_state(p: SamplingParams) -> bool:
     """Whether the sampler needs this sequence's history on the device (penalties, bias, min_tokens)."""
     return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
@@ -101,6 +112,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_pages, self.runner.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
         self.requests: dict[str, _Request] = {}
+        self._inflight: _Launched | None = None
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._rng = random.Random(self.config.seed)
@@ -168,9 +180,6 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "abort")
 
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
-
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             text, token_ids = prompt, list(self.tokenizer.encode(prompt))
@@ -203,25 +212,45 @@ class LLMEngine:
 
     # -------------------------------------------------------------------------------------- step
 
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs of the requests that advanced (cumulative, vLLM style)."""
+        """Launch the next step, then finish the previous one; returns the outputs of the requests that
+        advanced (cumulative, vLLM style).
+
+        With async_scheduling the device runs step N while the host appends step N-1's tokens,
+        detokenizes them and checks the stop conditions: a sequence samples into a placeholder token that
+        step N+1 reads straight from step N's output on the device, and a sequence found finished one step
+        late has its extra token dropped. Without it, each step is launched and finished in one call."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not schedule any sequence; the KV pool is too small "
-                                   "for the waiting requests")
-            return []
+        launched = self._launch(batch) if batch.seqs else None
+        if launched is None and self._inflight is None and self.scheduler.has_unfinished():
+            raise RuntimeError("the scheduler could not schedule any sequence; the KV pool is too small for the "
+                               "waiting requests")
+        previous, self._inflight = self._inflight, launched
+        outputs = self._finish_step(previous) if previous is not None else []
+        if not self.config.async_scheduling and self._inflight is not None:
+            outputs += self._finish_step(self._inflight)
+            self._inflight = None
+        self._log_stats()
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> _Launched:
         for seq in batch.admitted:
             if _needs_state(seq.params):
                 p = seq.params
                 stop_ids = list(self.model.config.eos_token_ids) * (not p.ignore_eos) + p.stop_token_ids
                 self.runner.register(seq.slot, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
                                      p.logit_bias, stop_ids)
-        inputs, sample_rows, row_params, targets = [], [], [], []
+        prev_rows_of = self._inflight.rows if self._inflight is not None else {}
+        inputs, sample_rows, row_params, targets, prev_rows = [], [], [], [], []
         use_sampler = want_plp = False
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
-            inputs.append(SeqInput(seq.token_ids[start:start + n], start, seq.block_table))
+            ids = seq.token_ids[start:start + n]
+            inputs.append(SeqInput([max(t, 0) for t in ids], start, seq.block_table))
+            prev_rows += [prev_rows_of[seq.seq_id] if t == PLACEHOLDER else -1 for t in ids]
             samples = start + n == seq.num_tokens
             sample_rows.append(samples)
             row_params.append((seq.params, seq.seed, seq.num_output_tokens, seq.slot,
@@ -233,20 +262,30 @@ class LLMEngine:
                                 for p in range(start, start + n)])
             else:
                 targets.append([0] * n)
-        out = self.runner.execute(inputs, sample_rows, row_params, targets, use_sampler, want_plp)
+        handle = self.runner.launch(inputs, sample_rows, row_params, targets, use_sampler, want_plp, prev_rows)
         self.scheduler.update(batch)
+        rows = {}
+        for i, seq in enumerate(batch.seqs):
+            if sample_rows[i]:  # its token arrives with the step's output
+                seq.token_ids.append(PLACEHOLDER)
+                seq.num_pending += 1
+                rows[seq.seq_id] = i
+        return _Launched(batch, [s.num_computed_tokens for s in inputs], sample_rows, rows, handle)
 
+    def _finish_step(self, launched: _Launched) -> list[RequestOutput]:
+        out = self.runner.fetch(launched.handle)
+        batch = launched.batch
         touched: dict[str, _Request] = {}
         t = 0
-        for i, (seq, n, inp) in enumerate(zip(batch.seqs, batch.num_new_tokens, inputs)):
+        for i, (seq, n, start) in enumerate(zip(batch.seqs, batch.num_new_tokens, launched.starts)):
             request = self.requests.get(seq.request_id)
             if request is not None and request.prompt_logprobs is not None and seq.index == 0:
-                self._record_prompt_logprobs(request, inp.num_computed_tokens, n, out.prompt_logprobs, t)
+                self._record_prompt_logprobs(request, start, n, out.prompt_logprobs, t)
             t += n
-            if inp.num_computed_tokens < seq.num_prompt_tokens:
+            if start < seq.num_prompt_tokens:
                 self.stats["prompt_tokens"] += n
-            if sample_rows[i] and not seq.is_finished:
-                self._append_token(seq, int(out.tokens[i]), out.logprobs, i)
+            if launched.sample_rows[i] and not seq.is_finished:
+                self._accept_token(seq, int(out.tokens[i]), out.logprobs, i)
                 self.stats["generated_tokens"] += 1
             if request is not None:
                 touched[request.request_id] = request
@@ -256,18 +295,20 @@ class LLMEngine:
             outputs.append(request.output())
             if request.finished:
                 del self.requests[request.request_id]
-        self._log_stats()
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprobs: Any, row: int) -> None:
+    def _accept_token(self, seq: Sequence, token: int, logprobs: Any, row: int) -> None:
+        """Put a sampled token in its placeholder, record its logprobs, detokenize, apply the stop rules."""
         p, o = seq.params, seq.state
-        seq.token_ids.append(token)
+        index = len(seq.token_ids) - seq.num_pending
+        seq.token_ids[index] = token
+        seq.num_pending -= 1
         if o.logprobs is not None:
             lp = float(logprobs.token_logprob[row])
             o.cumulative_logprob += lp
             o.logprobs.append(self._logprob_dict(token, lp, int(logprobs.token_rank[row]),
                                                  logprobs.top_ids[row], logprobs.top_logprobs[row], p.logprobs))
-        num_out = seq.num_output_tokens
+        num_out = index + 1 - seq.num_prompt_tokens
         past_min = num_out >= p.min_tokens
         stop_str = o.detok.add_tokens([token], check_stop=past_min)
         reason: tuple[str, Any] | None = None
@@ -277,9 +318,11 @@ class LLMEngine:
             reason = ("stop", token)
         elif past_min and not p.ignore_eos and token in self.model.config.eos_token_ids:
             reason = ("stop", None)
-        elif num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_out >= seq.max_tokens or index + 1 >= self.max_model_len:
             reason = ("length", None)
         if reason is not None:
+            del seq.token_ids[index + 1:]  # a token already launched past the end is dropped
+            seq.num_pending = 0
             self.scheduler.finish(seq, *reason)
         o.text += o.detok.get_delta(finished=reason is not None)
 

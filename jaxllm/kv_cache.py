@@ -54,6 +54,7 @@ class PagedSequence(Protocol):
     num_computed_tokens: int
     num_cached_pages: int  # leading pages of block_table already registered in the prefix cache
     block_hashes: list[bytes]  # chained hash of each full page of all_token_ids, computed lazily
+    num_known_tokens: int  # leading tokens whose ids are known (the rest are placeholders still on the device)
 
     @property
     def all_token_ids(self) -> list[int]: ...
@@ -85,7 +86,7 @@ class KVCacheManager:
     def _hashes(self, seq: PagedSequence, extra_key: Any = None) -> list[bytes]:
         """The chained hash of each full page of the sequence's tokens (extended as it grows)."""
         tokens, ps = seq.all_token_ids, self.page_size
-        for i in range(len(seq.block_hashes), len(tokens) // ps):
+        for i in range(len(seq.block_hashes), seq.num_known_tokens // ps):
             parent = seq.block_hashes[i - 1] if i else repr(extra_key).encode()
             h = hashlib.blake2b(parent, digest_size=16)
             h.update(b",".join(str(t).encode() for t in tokens[i * ps:(i + 1) * ps]))
@@ -144,7 +145,7 @@ class KVCacheManager:
         """Register the sequence's pages that became full (after its computed tokens grew)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens, len(seq.all_token_ids)) // self.page_size
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.page_size
         if full <= seq.num_cached_pages:
             return
         hashes = self._hashes(seq, extra_key)

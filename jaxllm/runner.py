@@ -54,6 +54,7 @@ class StepInputs:
     logits_indices: jax.Array  # [num_seqs] last fed token of each sequence
     sample_mask: jax.Array  # [num_seqs] bool: this row's token is kept (its sequence is fully computed)
     prompt_targets: jax.Array  # [num_tokens] the next prompt token after each fed token (for prompt logprobs)
+    prev_rows: jax.Array  # [num_tokens] row of the previous step whose sampled token this input is; -1: input_ids
     use_sampler: jax.Array  # [] bool: some row needs more than argmax (sampling, penalties, logprobs)
     want_prompt_logprobs: jax.Array  # [] bool
 
@@ -147,16 +148,22 @@ class ModelRunner:
         self.decode_buckets = pow2_ladder(min(min_decode, engine.max_num_seqs), engine.max_num_seqs)
         self.mixed_buckets = pow2_ladder(min(MIXED_MIN_TOKENS, engine.max_num_batched_tokens),
                                          engine.max_num_batched_tokens)
-        self._jitted = jax.jit(self._step_fn, donate_argnums=(1, 2))
-        self._compiled: dict[tuple[int, int, int], Any] = {}
-        self.num_compilations = 0
+        self._jitted = jax.jit(self._step_fn, donate_argnums=(1, 2, 3))
+        # [max_num_seqs] the previous step's sampled tokens, on the device
+        self.prev_tokens = jax.device_put(np.zeros(engine.max_num_seqs, np.int32), self.replicated)
+        self._seen: set[tuple[int, int, int]] = set()
+        self.num_compilations = 0  # step shapes compiled (or loaded from the persistent cache) so far
+        self.last_bucket: tuple[int, int, int] | None = None  # (num_tokens, num_seqs, max_query_len) of the last step
 
     # ------------------------------------------------------------------------------ device side
 
-    def _step_fn(self, params: Any, kv_caches: list[KVPages], state: SamplerState, x: StepInputs,
-                 st: SamplingTensors) -> tuple[StepOutput, list[KVPages], SamplerState]:
+    def _step_fn(self, params: Any, kv_caches: list[KVPages], state: SamplerState, prev_tokens: jax.Array,
+                 x: StepInputs, st: SamplingTensors) -> tuple[StepOutput, jax.Array, list[KVPages], SamplerState]:
         module, variables = self.loaded.module, {"params": params}
-        hidden, kv_caches = module.apply(variables, x.input_ids, x.positions, kv_caches, x.md,
+        # Decode inputs sampled by the previous step come from its output on the device, so the host can
+        # launch this step before it has seen them.
+        input_ids = jnp.where(x.prev_rows >= 0, prev_tokens[jnp.maximum(x.prev_rows, 0)], x.input_ids)
+        hidden, kv_caches = module.apply(variables, input_ids, x.positions, kv_caches, x.md,
                                          method="hidden_states")  # [num_tokens, embed]
         logits = module.apply(variables, hidden[x.logits_indices], method="logits")  # [num_seqs, vocab]
         num_seqs, k = logits.shape[0], min(sampler.MAX_LOGPROBS, logits.shape[1])
@@ -177,7 +184,8 @@ class ModelRunner:
 
         plp = jax.lax.cond(x.want_prompt_logprobs, prompt_logprobs,
                            lambda: _zero_logprobs(hidden.shape[0], k))
-        return StepOutput(tokens, logprobs, plp), kv_caches, state
+        next_prev = jnp.zeros(prev_tokens.shape, jnp.int32).at[:num_seqs].set(tokens)
+        return StepOutput(tokens, logprobs, plp), next_prev, kv_caches, state
 
     # -------------------------------------------------------------------------------- host side
 
@@ -193,31 +201,34 @@ class ModelRunner:
         return ([(b, b, 1) for b in self.decode_buckets]
                 + [(b, min(b, self.engine.max_num_seqs), b) for b in self.mixed_buckets])
 
-    def _executable(self, key: tuple[int, int, int], x: StepInputs, st: SamplingTensors) -> Any:
-        exe = self._compiled.get(key)
-        if exe is None:
-            with jax.set_mesh(self.loaded.mesh):  # tensor parallel: attention runs per device (shard_map)
-                exe = self._jitted.lower(self.loaded.params, self.kv_caches, self.sampler_state, x, st).compile()
-            self._compiled[key] = exe
+    def _run_step(self, key: tuple[int, int, int], x: StepInputs, st: SamplingTensors) -> StepOutput:
+        """The jitted step on a packed batch (jit's C++ dispatch: a few microseconds of host time)."""
+        if key not in self._seen:
+            self._seen.add(key)
             self.num_compilations += 1
-        return exe
+        with jax.set_mesh(self.loaded.mesh):  # tensor parallel: attention runs per device (shard_map)
+            out, self.prev_tokens, self.kv_caches, self.sampler_state = self._jitted(
+                self.loaded.params, self.kv_caches, self.sampler_state, self.prev_tokens, x, st)
+        self.last_bucket = key
+        return out
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile every bucket now (the persistent compilation cache makes a restart fast)."""
+        """Compile every bucket now, by running it once on an empty batch (its writes go to the dropped
+        padding slot); the persistent compilation cache makes a restart fast."""
         keys = self.all_buckets()
         t0 = time.perf_counter()
         for i, key in enumerate(keys):
             if progress:
                 progress(f"compiling step {i + 1}/{len(keys)} (tokens={key[0]}, seqs={key[1]})")
             x, st = self._pack([], [], [], key, [], False, False)
-            self._executable(key, x, st)
+            jax.block_until_ready(self._run_step(key, x, st))
         self.register(self.num_slots - 1, [], [], None, [])  # the sampler's register compiles its one shape
         if progress:
             progress(f"compiled {len(keys)} step shapes in {time.perf_counter() - t0:.1f} s")
 
     def _pack(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple], key: tuple[int, int, int],
-              prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool
-              ) -> tuple[StepInputs, SamplingTensors]:
+              prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool,
+              prev_rows: list[int] | None = None) -> tuple[StepInputs, SamplingTensors]:
         num_tokens, num_seqs, max_q = key
         if seqs:
             ids, pos, md, li = prepare_batch(seqs, self.page_size, self.num_pages, self.max_pages_per_seq,
@@ -231,24 +242,36 @@ class ModelRunner:
         targets = np.zeros(num_tokens, np.int32)
         flat = [t for row in prompt_targets for t in row]
         targets[:len(flat)] = flat
-        x = StepInputs(ids, pos, md, li, mask, targets, np.asarray(use_sampler), np.asarray(want_prompt_logprobs))
+        prev = np.full(num_tokens, -1, np.int32)
+        if prev_rows:
+            prev[:len(prev_rows)] = prev_rows
+        x = StepInputs(ids, pos, md, li, mask, targets, prev, np.asarray(use_sampler),
+                       np.asarray(want_prompt_logprobs))
         params, seeds, steps, slots, ban = (list(z) for z in zip(*row_params)) if row_params else ([], [], [], [], [])
         st = SamplingTensors.from_rows(params, seeds, steps, slots, ban, num_rows=num_seqs,
                                        pad_slot=self.num_slots - 1)
         return jax.device_put((x, st), self.replicated)
 
-    def execute(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple],
-                prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool) -> StepOutput:
-        """Run one step. row_params[i] = (SamplingParams, seed, step, slot, ban_stop) of sequence i;
-        prompt_targets[i] the next prompt token after each fed token of sequence i (0 where none).
-        Returns the StepOutput as numpy arrays, cut to the real rows and tokens."""
+    def launch(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple],
+               prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool,
+               prev_rows: list[int]) -> tuple[StepOutput, int, int]:
+        """Start one step on the device and return without waiting (fetch() waits).
+
+        row_params[i] = (SamplingParams, seed, step, slot, ban_stop) of sequence i; prompt_targets[i] the next
+        prompt token after each fed token of sequence i (0 where none); prev_rows[t] the row of the previous
+        step that samples fed token t (-1: take it from the SeqInput)."""
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
-        key = self.bucket_for(sum(len(s.token_ids) for s in seqs), len(seqs), decode_only)
-        x, st = self._pack(seqs, sample_rows, row_params, key, prompt_targets, use_sampler, want_prompt_logprobs)
-        exe = self._executable(key, x, st)
-        out, self.kv_caches, self.sampler_state = exe(self.loaded.params, self.kv_caches, self.sampler_state, x, st)
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        key = self.bucket_for(num_tokens, len(seqs), decode_only)
+        x, st = self._pack(seqs, sample_rows, row_params, key, prompt_targets, use_sampler, want_prompt_logprobs,
+                           prev_rows)
+        return self._run_step(key, x, st), len(seqs), num_tokens
+
+    @staticmethod
+    def fetch(handle: tuple[StepOutput, int, int]) -> StepOutput:
+        """Wait for a launched step; its output as numpy arrays, cut to the real rows and tokens."""
+        out, n, t = handle
         out = jax.device_get(out)
-        n, t = len(seqs), sum(len(s.token_ids) for s in seqs)
         return StepOutput(out.tokens[:n], jax.tree.map(lambda a: a[:n], out.logprobs),
                           jax.tree.map(lambda a: a[:t], out.prompt_logprobs))
 

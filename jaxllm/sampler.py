@@ -70,7 +70,7 @@ class SamplingTensors:
     @classmethod
     def from_rows(cls, params: list["SamplingParams"], seeds: list[int], steps: list[int], slots: list[int],
                   ban_stop: list[bool], num_rows: int, pad_slot: int) -> "SamplingTensors":
-        """Host side: the rows' parameters as device arrays, padded to num_rows with greedy rows on pad_slot.
+        """Host side: the rows' parameters as numpy arrays, padded to num_rows with greedy rows on pad_slot.
 
         Seeds are taken modulo 2**32. A temperature below SAMPLING_EPS or top_k == 1 makes the row greedy
         (its temperature is stored as 0).
@@ -82,8 +82,8 @@ class SamplingTensors:
         if n > num_rows:
             raise ValueError(f"{n} rows do not fit num_rows={num_rows}")
 
-        def column(values: list, pad: Any, dtype: Any) -> jax.Array:
-            return jnp.asarray(np.asarray(list(values) + [pad] * (num_rows - n), dtype=dtype))
+        def column(values: list, pad: Any, dtype: Any) -> np.ndarray:  # numpy: the caller ships them in one transfer
+            return np.asarray(list(values) + [pad] * (num_rows - n), dtype=dtype)
 
         greedy = [p.temperature < SAMPLING_EPS or p.top_k == 1 for p in params]
         return cls(

@@ -22,6 +22,9 @@ from jaxllm.kv_cache import KVCacheManager
 from jaxllm.sampling import SamplingParams
 
 
+PLACEHOLDER = -1  # a sampled token still on the device (async scheduling)
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -54,6 +57,7 @@ class Sequence:
     num_cached_pages: int = 0
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)
     slot: int | None = None  # row of the sampler's per-sequence state while running
+    num_pending: int = 0  # trailing PLACEHOLDER tokens: sampled, not yet seen by the host
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -74,6 +78,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has (all but the pending placeholders)."""
+        return len(self.token_ids) - self.num_pending
 
     @property
     def is_finished(self) -> bool:
@@ -129,6 +138,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted by an older sequence in this loop
+                continue
+            if seq.num_output_tokens >= seq.max_tokens:  # its last token is on the way (async scheduling)
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.can_allocate(seq, n):

@@ -16,7 +16,7 @@ import jax  # noqa: E402
 from jaxllm import LLM, SamplingParams  # noqa: E402
 
 
-def main(path: str, backend: str) -> None:
+def run(path: str, backend: str) -> dict:
     assert len(jax.devices()) == 2
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 300 + 3 for j in range(n)]} for i, n in enumerate((5, 17, 40))]
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3),
@@ -33,8 +33,8 @@ def main(path: str, backend: str) -> None:
         result[tp] = [{"ids": o.outputs[0].token_ids,
                        "lp": [e[t].logprob for t, e in zip(o.outputs[0].token_ids, o.outputs[0].logprobs or [])]}
                       for o in outs]
-    print("RESULT " + json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    print("RESULT " + json.dumps({backend: run(sys.argv[1], backend) for backend in ("xla", "pallas")}))
