@@ -12,6 +12,8 @@ measured in the same run).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def build_1b(path: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="cProfile the host side of each timed loop")
     args = ap.parse_args()
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
     bw = copy_bandwidth()
@@ -91,39 +94,49 @@ def main() -> int:
         llm = LLM(str(tmp / "1b"), dtype="bfloat16", max_num_seqs=64, max_num_batched_tokens=2048,
                   max_model_len=2048, warmup=True)
         runner = llm.llm_engine.runner
+        warm = runner.num_compilations
         print(f"1B model ({n_params / 1e9:.2f}B params, bf16): load + warm-up {time.perf_counter() - t0:.1f} s, "
-              f"{runner.num_compilations} step shapes, {runner.num_pages} KV pages")
+              f"{len(runner.all_buckets())} step shapes ({warm} functions), {runner.num_pages} KV pages")
         rng = np.random.default_rng(0)
         num_req, prompt_len, out_len = (64, 128, 64) if args.quick else (256, 128, 128)
         prompts = [{"prompt_token_ids": rng.integers(3, 128000, prompt_len).tolist()} for _ in range(num_req)]
         params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
         llm.generate(prompts[:8], params, use_tqdm=False)  # first-use costs outside the timing
         engine = llm.llm_engine
-        step_times: dict[int, list[float]] = {}
-        for r, p in enumerate(prompts):
-            engine.add_request(f"r{r}", p, params)
-        t0 = time.perf_counter()
-        while engine.has_unfinished_requests():
-            running = len(engine.scheduler.running)
-            t = time.perf_counter()
-            engine.step()
-            dt = time.perf_counter() - t
-            key = runner.last_bucket
-            if key[2] == 1 and running == 64:
-                step_times.setdefault(key[1], []).append(dt)
-        wall = time.perf_counter() - t0
-        print(f"offline batch: {num_req} requests x {prompt_len} in / {out_len} out, greedy: {wall:.2f} s, "
-              f"{num_req * out_len / wall:.0f} output tok/s, {num_req * (prompt_len + out_len) / wall:.0f} total tok/s, "
-              f"compilations after warm-up: {runner.num_compilations - len(runner.all_buckets())}")
         weight_bytes = 2 * n_params
-        for b, times in sorted(step_times.items()):
-            med = statistics.median(times)
-            avg_ctx = prompt_len + out_len / 2
-            kv_bytes = 64 * avg_ctx * 2 * 16 * 8 * 64 * 2
-            floor = (weight_bytes + kv_bytes) / bw
-            print(f"decode step, 64 sequences (bucket {b}), ~{avg_ctx:.0f} context: median {med * 1e3:.2f} ms over "
-                  f"{len(times)} steps (host + device); floor {floor * 1e3:.2f} ms -> {floor / med:.0%} of bandwidth; "
-                  f"{64 / med:.0f} tok/s")
+        for mode in (False, True):
+            engine.config.async_scheduling = mode
+            step_times: list[float] = []
+            for r, p in enumerate(prompts):
+                engine.add_request(f"{mode}-{r}", p, params)
+            prof = cProfile.Profile() if args.profile else None
+            if prof:
+                prof.enable()
+            t0 = time.perf_counter()
+            while engine.has_unfinished_requests():
+                t = time.perf_counter()
+                engine.step()
+                dt = time.perf_counter() - t
+                key = runner.last_bucket
+                if key is not None and key[2] == 1 and len(engine.scheduler.running) == 64:
+                    step_times.append(dt)
+            wall = time.perf_counter() - t0
+            if prof:
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+            name = "async scheduling" if mode else "sync (launch, then wait)"
+            print(f"[{name}] offline batch: {num_req} requests x {prompt_len} in / {out_len} out, greedy: "
+                  f"{wall:.2f} s, {num_req * out_len / wall:.0f} output tok/s, "
+                  f"{num_req * (prompt_len + out_len) / wall:.0f} total tok/s, compilations after warm-up: "
+                  f"{runner.num_compilations - warm}")
+            if step_times:
+                med = statistics.median(step_times)
+                avg_ctx = prompt_len + out_len / 2
+                kv_bytes = 64 * avg_ctx * 2 * 16 * 8 * 64 * 2
+                floor = (weight_bytes + kv_bytes) / bw
+                print(f"[{name}] decode step at 64 sequences, ~{avg_ctx:.0f} context: median {med * 1e3:.2f} ms over "
+                      f"{len(step_times)} steps; floor {floor * 1e3:.2f} ms (weights + KV / copy bandwidth) -> "
+                      f"{floor / med:.0%}; {64 / med:.0f} tok/s")
     return 0 if ok else 1
 
 

@@ -1,21 +1,24 @@
-"""ModelRunner: owns the device state (parameters, KV pages, sampler state) and runs the one jitted step.
+"""ModelRunner: owns the device state (parameters, KV pages, sampler state) and runs the jitted step.
 
 A step feeds each scheduled sequence some new tokens (a whole prompt, a chunk of one, or one decode
 token) after the `num_computed_tokens` already in its pages, and samples the next token of every
 sequence whose known tokens are then all computed. The batch is padded up to one of a few static
-shapes (buckets), each compiled ahead of time, so no request ever triggers a compilation:
+shapes (buckets), all compiled at start-up, so no request ever triggers a compilation:
 
     decode buckets:  num_tokens = num_seqs = b              (b = 1, 2, 4, ... up to max_num_seqs)
     mixed buckets:   num_tokens = b, num_seqs = min(b, max_num_seqs)   (b = 16, 32, ... up to
                      max_num_batched_tokens)
 
-The step: embed -> layers over the paged KV cache -> logits of the sampled rows -> sampler, all on the
-device, with the KV pages and the sampler state donated (updated in place). One transfer brings the
-sampled tokens (and logprobs, when asked for) back to the host.
+On the device: the model (embed -> layers over the paged KV cache -> logits of the sampled rows), then
+argmax or the full sampler, then prompt logprobs when asked for; three jitted functions the host
+chooses between, with the KV pages and the sampler state donated (updated in place). The inputs travel
+in one packed buffer per function group and the output comes back in one, once per step. `launch`
+returns at once; `fetch` waits, so the engine can launch the next step first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -34,6 +37,7 @@ from jaxllm.sampler import Logprobs, SamplerState, SamplingTensors
 from jaxllm.weights import LoadedModel
 
 MIXED_MIN_TOKENS = 16
+SAMPLER_MODES = ("greedy", "sample", "sample-sort")
 PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for prompt logprobs
 
 
@@ -52,18 +56,52 @@ class StepInputs:
     positions: jax.Array  # [num_tokens]
     md: AttentionMetadata
     logits_indices: jax.Array  # [num_seqs] last fed token of each sequence
-    sample_mask: jax.Array  # [num_seqs] bool: this row's token is kept (its sequence is fully computed)
     prompt_targets: jax.Array  # [num_tokens] the next prompt token after each fed token (for prompt logprobs)
     prev_rows: jax.Array  # [num_tokens] row of the previous step whose sampled token this input is; -1: input_ids
-    use_sampler: jax.Array  # [] bool: some row needs more than argmax (sampling, penalties, logprobs)
-    want_prompt_logprobs: jax.Array  # [] bool
 
 
 @struct.dataclass
 class StepOutput:
     tokens: jax.Array  # [num_seqs]
-    logprobs: Logprobs  # [num_seqs, ...] of the sampled tokens (zeros unless use_sampler)
-    prompt_logprobs: Logprobs  # [num_tokens, ...] of prompt_targets (zeros unless want_prompt_logprobs)
+    logprobs: Logprobs  # [num_seqs, ...] of the sampled tokens (zeros when the step decoded greedily)
+    prompt_logprobs: Logprobs | None  # [num_tokens, ...] of prompt_targets, when the step asked for them
+
+
+def pack(tree: Any) -> tuple[np.ndarray, tuple]:
+    """Every leaf of a tree of numpy arrays (int32, uint32, float32 or bool) in one int32 buffer, and the
+    layout that undoes it: a step's inputs cross to the device in one transfer, its outputs come back in one."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts, shapes = [], []
+    for a in leaves:
+        a = np.asarray(a)
+        shapes.append((a.shape, a.dtype.str))
+        parts.append((a.astype(np.int32) if a.dtype == np.bool_ else a).reshape(-1).view(np.int32))
+    return np.concatenate(parts), (treedef, tuple(shapes))
+
+
+def unpack(buf: Any, layout: tuple, xp: Any = jnp) -> Any:
+    """The tree `pack` flattened into `buf` (xp = jnp inside the jitted step, np on the host)."""
+    treedef, shapes = layout
+    leaves, offset = [], 0
+    for shape, dtype in shapes:
+        size = math.prod(shape)
+        part, dtype = buf[offset:offset + size].reshape(shape), np.dtype(dtype)
+        offset += size
+        if dtype == np.bool_:
+            part = part != 0
+        elif dtype != np.int32:
+            part = jax.lax.bitcast_convert_type(part, dtype) if xp is jnp else part.view(dtype)
+        leaves.append(part)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def pack_device(tree: Any) -> jax.Array:
+    """pack() inside a jitted function: leaves of 4-byte types (or bool) -> one int32 vector."""
+    parts = []
+    for a in jax.tree.leaves(tree):
+        a = a.astype(jnp.int32) if a.dtype == jnp.bool_ else a
+        parts.append((a if a.dtype == jnp.int32 else jax.lax.bitcast_convert_type(a, jnp.int32)).reshape(-1))
+    return jnp.concatenate(parts)
 
 
 def pow2_ladder(lo: int, hi: int) -> list[int]:
@@ -148,7 +186,10 @@ class ModelRunner:
         self.decode_buckets = pow2_ladder(min(min_decode, engine.max_num_seqs), engine.max_num_seqs)
         self.mixed_buckets = pow2_ladder(min(MIXED_MIN_TOKENS, engine.max_num_batched_tokens),
                                          engine.max_num_batched_tokens)
-        self._jitted = jax.jit(self._step_fn, donate_argnums=(1, 2, 3))
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(1,), static_argnums=(4,))
+        self._greedy = jax.jit(self._greedy_fn, donate_argnums=(1,))
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(1, 2), static_argnums=(4, 5))
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,))
         # [max_num_seqs] the previous step's sampled tokens, on the device
         self.prev_tokens = jax.device_put(np.zeros(engine.max_num_seqs, np.int32), self.replicated)
         self._seen: set[tuple[int, int, int]] = set()
@@ -156,36 +197,49 @@ class ModelRunner:
         self.last_bucket: tuple[int, int, int] | None = None  # (num_tokens, num_seqs, max_query_len) of the last step
 
     # ------------------------------------------------------------------------------ device side
+    # Three jitted functions, chosen on the host: a lax.cond on a device value would make a GPU wait for the
+    # predicate on the host, which stalls pipelined steps.
 
-    def _step_fn(self, params: Any, kv_caches: list[KVPages], state: SamplerState, prev_tokens: jax.Array,
-                 x: StepInputs, st: SamplingTensors) -> tuple[StepOutput, jax.Array, list[KVPages], SamplerState]:
+    def _forward_fn(self, params: Any, kv_caches: list[KVPages], prev_tokens: jax.Array, packed: jax.Array,
+                    layout: tuple) -> tuple[jax.Array, jax.Array, list[KVPages]]:
+        """The model: -> logits of the sampled rows [num_seqs, vocab], hidden states [num_tokens, embed]."""
         module, variables = self.loaded.module, {"params": params}
+        x = unpack(packed, layout)  # StepInputs
         # Decode inputs sampled by the previous step come from its output on the device, so the host can
         # launch this step before it has seen them.
         input_ids = jnp.where(x.prev_rows >= 0, prev_tokens[jnp.maximum(x.prev_rows, 0)], x.input_ids)
         hidden, kv_caches = module.apply(variables, input_ids, x.positions, kv_caches, x.md,
                                          method="hidden_states")  # [num_tokens, embed]
         logits = module.apply(variables, hidden[x.logits_indices], method="logits")  # [num_seqs, vocab]
+        return logits, hidden, kv_caches
+
+    def _greedy_fn(self, logits: jax.Array, prev_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """argmax per row (no row needs the sampler): the packed (tokens, zero logprobs), the next prev_tokens."""
         num_seqs, k = logits.shape[0], min(sampler.MAX_LOGPROBS, logits.shape[1])
-
-        def greedy() -> tuple[jax.Array, Logprobs]:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), _zero_logprobs(num_seqs, k)
-
-        tokens, logprobs = jax.lax.cond(x.use_sampler, lambda: sampler.sample(logits, st, state), greedy)
-        state = sampler.update_counts(state, st.slot, tokens, x.sample_mask)
-
-        def prompt_logprobs() -> Logprobs:
-            chunk = math.gcd(hidden.shape[0], PROMPT_LOGPROBS_CHUNK)
-            rows = hidden.reshape(-1, chunk, hidden.shape[-1])
-            targets = x.prompt_targets.reshape(-1, chunk)
-            out = jax.lax.map(lambda a: sampler.compute_logprobs(module.apply(variables, a[0], method="logits"),
-                                                                 a[1]), (rows, targets))
-            return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out)
-
-        plp = jax.lax.cond(x.want_prompt_logprobs, prompt_logprobs,
-                           lambda: _zero_logprobs(hidden.shape[0], k))
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         next_prev = jnp.zeros(prev_tokens.shape, jnp.int32).at[:num_seqs].set(tokens)
-        return StepOutput(tokens, logprobs, plp), next_prev, kv_caches, state
+        return pack_device((tokens, _zero_logprobs(num_seqs, k))), next_prev
+
+    def _sample_fn(self, logits: jax.Array, state: SamplerState, prev_tokens: jax.Array, packed: jax.Array,
+                   layout: tuple, sort: bool) -> tuple[jax.Array, jax.Array, SamplerState]:
+        """The full sampler (with the top-k/top-p sort if `sort`): the packed (tokens, logprobs), the next
+        prev_tokens, the state with the new tokens counted."""
+        st, sample_mask = unpack(packed, layout)  # SamplingTensors, [num_seqs] bool (the row's token is kept)
+        tokens, logprobs = sampler.sample(logits, st, state, sort=sort)
+        state = sampler.update_counts(state, st.slot, tokens, sample_mask)
+        next_prev = jnp.zeros(prev_tokens.shape, jnp.int32).at[:logits.shape[0]].set(tokens)
+        return pack_device((tokens, logprobs)), next_prev, state
+
+    def _prompt_logprobs_fn(self, params: Any, hidden: jax.Array, packed: jax.Array, layout: tuple) -> jax.Array:
+        """Logprobs of each fed token's next prompt token, projecting PROMPT_LOGPROBS_CHUNK rows at a time."""
+        module, variables = self.loaded.module, {"params": params}
+        x = unpack(packed, layout)
+        chunk = math.gcd(hidden.shape[0], PROMPT_LOGPROBS_CHUNK)
+        rows = hidden.reshape(-1, chunk, hidden.shape[-1])
+        targets = x.prompt_targets.reshape(-1, chunk)
+        out = jax.lax.map(lambda a: sampler.compute_logprobs(module.apply(variables, a[0], method="logits"), a[1]),
+                          (rows, targets))
+        return pack_device(jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out))
 
     # -------------------------------------------------------------------------------- host side
 
@@ -201,34 +255,46 @@ class ModelRunner:
         return ([(b, b, 1) for b in self.decode_buckets]
                 + [(b, min(b, self.engine.max_num_seqs), b) for b in self.mixed_buckets])
 
-    def _run_step(self, key: tuple[int, int, int], x: StepInputs, st: SamplingTensors) -> StepOutput:
-        """The jitted step on a packed batch (jit's C++ dispatch: a few microseconds of host time)."""
-        if key not in self._seen:
-            self._seen.add(key)
-            self.num_compilations += 1
-        with jax.set_mesh(self.loaded.mesh):  # tensor parallel: attention runs per device (shard_map)
-            out, self.prev_tokens, self.kv_caches, self.sampler_state = self._jitted(
-                self.loaded.params, self.kv_caches, self.sampler_state, self.prev_tokens, x, st)
+    def _run_step(self, key: tuple[int, int, int], inputs: tuple, mode: str, prompt_logprobs: bool
+                  ) -> tuple[jax.Array, jax.Array | None]:
+        """Queue the step's device work (not waited for): packed (tokens, logprobs), packed prompt logprobs."""
+        for variant in (key, (key[1], mode), (*key, "prompt_logprobs") if prompt_logprobs else None):
+            if variant is not None and variant not in self._seen:
+                self._seen.add(variant)
+                self.num_compilations += 1
+        (x, x_layout), (st, st_layout) = inputs
+        x, st = jax.device_put((x, st), self.replicated)
+        with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
+            logits, hidden, self.kv_caches = self._forward(self.loaded.params, self.kv_caches, self.prev_tokens,
+                                                           x, x_layout)
+            if mode == "greedy":
+                out, self.prev_tokens = self._greedy(logits, self.prev_tokens)
+            else:
+                out, self.prev_tokens, self.sampler_state = self._sample(
+                    logits, self.sampler_state, self.prev_tokens, st, st_layout, mode == "sample-sort")
+            plp = self._prompt_logprobs(self.loaded.params, hidden, x, x_layout) if prompt_logprobs else None
         self.last_bucket = key
-        return out
+        return out, plp
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile every bucket now, by running it once on an empty batch (its writes go to the dropped
-        padding slot); the persistent compilation cache makes a restart fast."""
+        padding slot) with each sampler mode (and, for prefill shapes, prompt logprobs); the persistent
+        compilation cache makes a restart fast."""
         keys = self.all_buckets()
         t0 = time.perf_counter()
         for i, key in enumerate(keys):
             if progress:
                 progress(f"compiling step {i + 1}/{len(keys)} (tokens={key[0]}, seqs={key[1]})")
-            x, st = self._pack([], [], [], key, [], False, False)
-            jax.block_until_ready(self._run_step(key, x, st))
+            inputs = self._pack([], [], [], key, [])
+            for mode in SAMPLER_MODES:
+                jax.block_until_ready(self._run_step(key, inputs, mode, prompt_logprobs=mode == "greedy"))
         self.register(self.num_slots - 1, [], [], None, [])  # the sampler's register compiles its one shape
         if progress:
             progress(f"compiled {len(keys)} step shapes in {time.perf_counter() - t0:.1f} s")
 
     def _pack(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple], key: tuple[int, int, int],
-              prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool,
-              prev_rows: list[int] | None = None) -> tuple[StepInputs, SamplingTensors]:
+              prompt_targets: list[list[int]], prev_rows: list[int] | None = None) -> tuple:
+        """The step's inputs as two packed buffers: the model's (StepInputs) and the sampler's."""
         num_tokens, num_seqs, max_q = key
         if seqs:
             ids, pos, md, li = prepare_batch(seqs, self.page_size, self.num_pages, self.max_pages_per_seq,
@@ -245,16 +311,15 @@ class ModelRunner:
         prev = np.full(num_tokens, -1, np.int32)
         if prev_rows:
             prev[:len(prev_rows)] = prev_rows
-        x = StepInputs(ids, pos, md, li, mask, targets, prev, np.asarray(use_sampler),
-                       np.asarray(want_prompt_logprobs))
+        x = StepInputs(ids, pos, md, li, targets, prev)
         params, seeds, steps, slots, ban = (list(z) for z in zip(*row_params)) if row_params else ([], [], [], [], [])
         st = SamplingTensors.from_rows(params, seeds, steps, slots, ban, num_rows=num_seqs,
                                        pad_slot=self.num_slots - 1)
-        return jax.device_put((x, st), self.replicated)
+        return pack(x), pack((st, mask))
 
     def launch(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple],
                prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool,
-               prev_rows: list[int]) -> tuple[StepOutput, int, int]:
+               prev_rows: list[int]) -> tuple:
         """Start one step on the device and return without waiting (fetch() waits).
 
         row_params[i] = (SamplingParams, seed, step, slot, ban_stop) of sequence i; prompt_targets[i] the next
@@ -263,17 +328,32 @@ class ModelRunner:
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
         num_tokens = sum(len(s.token_ids) for s in seqs)
         key = self.bucket_for(num_tokens, len(seqs), decode_only)
-        x, st = self._pack(seqs, sample_rows, row_params, key, prompt_targets, use_sampler, want_prompt_logprobs,
-                           prev_rows)
-        return self._run_step(key, x, st), len(seqs), num_tokens
+        inputs = self._pack(seqs, sample_rows, row_params, key, prompt_targets, prev_rows)
+        sort = any(p.top_k not in (0, -1, 1) or p.top_p < 1.0 for (p, *_), s in zip(row_params, sample_rows) if s)
+        mode = "sample-sort" if use_sampler and sort else "sample" if use_sampler else "greedy"
+        out, plp = self._run_step(key, inputs, mode, want_prompt_logprobs)
+        return out, plp, self._output_layouts(key), len(seqs), num_tokens
+
+    def _output_layouts(self, key: tuple[int, int, int]) -> tuple[tuple, tuple]:
+        """How a bucket's packed (tokens, logprobs) and prompt logprobs unpack on the host."""
+        num_tokens, num_seqs, _ = key
+        k = min(sampler.MAX_LOGPROBS, self.loaded.config.vocab_size)
+
+        def logprobs(n: int) -> Logprobs:
+            return Logprobs(np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros((n, k), np.int32),
+                            np.zeros((n, k), np.float32))
+
+        return pack((np.zeros(num_seqs, np.int32), logprobs(num_seqs)))[1], pack(logprobs(num_tokens))[1]
 
     @staticmethod
-    def fetch(handle: tuple[StepOutput, int, int]) -> StepOutput:
+    def fetch(handle: tuple) -> StepOutput:
         """Wait for a launched step; its output as numpy arrays, cut to the real rows and tokens."""
-        out, n, t = handle
-        out = jax.device_get(out)
+        packed, packed_plp, (layout, plp_layout), n, t = handle
+        tokens, logprobs = unpack(np.asarray(packed), layout, np)
+        plp = unpack(np.asarray(packed_plp), plp_layout, np) if packed_plp is not None else None
+        out = StepOutput(tokens, logprobs, plp)
         return StepOutput(out.tokens[:n], jax.tree.map(lambda a: a[:n], out.logprobs),
-                          jax.tree.map(lambda a: a[:t], out.prompt_logprobs))
+                          jax.tree.map(lambda a: a[:t], out.prompt_logprobs) if plp is not None else None)
 
     def register(self, slot: int, prompt_ids: list[int], output_ids: list[int], logit_bias: dict | None,
                  stop_ids: list[int]) -> None:

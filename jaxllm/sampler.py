@@ -265,13 +265,15 @@ def _kept_from(sorted_logits: jax.Array, keep: jax.Array) -> jax.Array:
     return sorted_logits >= threshold
 
 
-def truncation_threshold(scaled: jax.Array, t: SamplingTensors) -> jax.Array:
+def truncation_threshold(scaled: jax.Array, t: SamplingTensors, sort: bool | None = None) -> jax.Array:
     """Step 4a-c on temperature-scaled logits [num_rows, vocab]: the smallest kept logit per row, [num_rows, 1].
 
     The kept set is {token: scaled >= threshold}. min_p compares p / p_max = exp(logit - max logit) with
     min_p, elementwise, so it needs no sort; top_k and top_p share one descending sort per row, which is
     skipped (lax.cond) when no sampled row uses them. A row without top_k / top_p gets bitwise the same
-    threshold on both paths, so its draw does not depend on whether other rows needed the sort.
+    threshold on both paths, so its draw does not depend on whether other rows needed the sort. `sort`
+    (static) picks the path on the host instead: a GPU runs a lax.cond by waiting for its predicate on the
+    host, which stalls the engine's pipelined steps.
     """
     vocab = scaled.shape[-1]
     min_p = t.min_p[:, None]  # [num_rows, 1]
@@ -293,15 +295,19 @@ def truncation_threshold(scaled: jax.Array, t: SamplingTensors) -> jax.Array:
         keep = _kept_from(s, keep & ((mass_before < top_p) | (top_p >= 1.0)))
         return jnp.min(jnp.where(keep, s, jnp.inf), axis=-1, keepdims=True)
 
+    if sort is not None:
+        return with_sort() if sort else min_p_only()
     return jax.lax.cond(needs_sort, with_sort, min_p_only)
 
 
-def sample(logits: jax.Array, t: SamplingTensors, state: SamplerState) -> tuple[jax.Array, Logprobs]:
-    """Sample one token per row of logits [num_rows, vocab] -> (tokens i32 [num_rows], their raw logprobs)."""
+def sample(logits: jax.Array, t: SamplingTensors, state: SamplerState, sort: bool | None = None
+           ) -> tuple[jax.Array, Logprobs]:
+    """Sample one token per row of logits [num_rows, vocab] -> (tokens i32 [num_rows], their raw logprobs).
+    sort: see truncation_threshold (True is always correct; False only when no row uses top_k / top_p)."""
     processed = process_logits(logits, t, state)  # [num_rows, vocab]
     greedy = (t.temperature < SAMPLING_EPS) | (t.top_k == 1)  # [num_rows]
     scaled = processed / jnp.where(greedy, 1.0, t.temperature)[:, None]
-    masked = jnp.where(scaled >= truncation_threshold(scaled, t), scaled, -jnp.inf)  # [num_rows, vocab]
+    masked = jnp.where(scaled >= truncation_threshold(scaled, t, sort), scaled, -jnp.inf)  # [num_rows, vocab]
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(t.seed, t.step)
     drawn = jax.vmap(jax.random.categorical)(keys, masked)  # [num_rows]
     tokens = jnp.where(greedy, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)

@@ -39,25 +39,29 @@ def mixed_prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB) for _ in range(rng.choice([1, 2, 7, 8, 9, 16, 23, 40, 61]))] for _ in range(n)]
 
 
-def test_continuous_batching_equals_alone_and_transformers(llama):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_continuous_batching_equals_alone_and_transformers(llama, async_scheduling):
     """32 requests of 1..61 tokens at once (chunked prefills under a 64-token budget mixed with decodes, 16
     sequences at a time) give each request's output alone, which is transformers' greedy continuation."""
     _, hf, llm = llama
+    llm.llm_engine.config.async_scheduling = async_scheduling
     batch = mixed_prompts(32, seed=1)
     together = ids(llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY))
     assert together == [hf_greedy(hf, p, 12) for p in batch]
     alone = [ids(llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False))[0] for p in batch[:6]]
     assert alone == together[:6]
+    llm.llm_engine.config.async_scheduling = True  # the default
 
 
-def test_preemption_recomputes_and_loses_nothing(llama):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preemption_recomputes_and_loses_nothing(llama, async_scheduling):
     """A pool of 12 pages cannot hold 8 growing sequences: the newest are preempted and recomputed."""
     path, _, big = llama
     batch = [{"prompt_token_ids": p} for p in mixed_prompts(8, seed=2)]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     expected = ids(big.generate(batch, params))
     small = LLM(str(path), dtype="float32", num_kv_pages=12, page_size=PAGE, max_model_len=96, max_num_seqs=8,
-                max_num_batched_tokens=64, enable_prefix_caching=False)
+                max_num_batched_tokens=64, enable_prefix_caching=False, async_scheduling=async_scheduling)
     assert ids(small.generate(batch, params)) == expected
     preemptions = small.llm_engine.scheduler.num_preemptions
     print(f"preemptions: {preemptions}")
@@ -194,8 +198,10 @@ def test_n_completions_share_the_prompt(llama):
 
 
 def test_engine_step_api_and_abort(llama):
+    """Outputs come one step late with async scheduling; an abort frees everything once the launched step ends."""
     _, _, llm = llama
     engine: LLMEngine = llm.llm_engine
+    assert engine.config.async_scheduling  # the default
     a = engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=50,
                                                                                 ignore_eos=True))
     b = engine.add_request("b", {"prompt_token_ids": [8, 9]}, SamplingParams(temperature=0, max_tokens=3,
@@ -221,7 +227,8 @@ def test_warmup_compiles_every_shape_once(tiny_model):
     llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=8,
               max_num_batched_tokens=64, warmup=True)
     runner = llm.llm_engine.runner
-    assert runner.num_compilations == len(runner.all_buckets())
+    warm = runner.num_compilations
+    assert warm >= len(runner.all_buckets())
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, *_a, **_k: compiles.append(event) if "backend_compile" in event else None)
@@ -231,7 +238,7 @@ def test_warmup_compiles_every_shape_once(tiny_model):
              SamplingParams(temperature=1.0, n=2, max_tokens=4, logprobs=2, prompt_logprobs=1, seed=2)]
     llm.generate(batch, [kinds[i % 4] for i in range(20)], use_tqdm=False)
     llm.generate(batch[:1], GREEDY, use_tqdm=False)
-    assert runner.num_compilations == len(runner.all_buckets())
+    assert runner.num_compilations == warm
     assert compiles == []
 
 
