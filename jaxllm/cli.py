@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "src", None) == "default":
         args.src = None
-    logging.basicConfig(level=logging.INFO if args.command == "chat" and sys.stdin.isatty() else logging.WARNING,
-                        format="%(message)s")
+    # Progress and stats lines on a terminal chat; a one-shot generate or piped input stays quiet.
+    logging.getLogger("jaxllm").setLevel(logging.INFO if args.command == "chat" and sys.stdin.isatty()
+                                         else logging.WARNING)
     try:
         args.func(args)
     except (JaxLLMError, ValueError, NotImplementedError) as e:

@@ -299,6 +299,21 @@ def enable_compilation_cache() -> str | None:
     return jax.config.jax_compilation_cache_dir
 
 
+def configure_logging() -> None:
+    """Give the "jaxllm" logger its own stderr handler at INFO (start-up progress, periodic stats), as vLLM
+    does, unless JAXLLM_CONFIGURE_LOGGING=0 (then the application's logging configuration decides)."""
+    import logging
+
+    logger = logging.getLogger("jaxllm")
+    if os.environ.get("JAXLLM_CONFIGURE_LOGGING", "1").lower() in ("0", "false", "no") or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s jaxllm: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def use_modelscope() -> bool:
     """JAXLLM_USE_MODELSCOPE=1 resolves hub ids through ModelScope instead of Hugging Face."""
     return os.environ.get("JAXLLM_USE_MODELSCOPE", "").lower() in ("1", "true", "yes")

@@ -263,7 +263,8 @@ class ModelRunner:
                 self._seen.add(variant)
                 self.num_compilations += 1
         (x, x_layout), (st, st_layout) = inputs
-        x, st = jax.device_put((x, st), self.replicated)
+        # Every process (multi-host: after jax.distributed.initialize) holds the same batch: one global array.
+        x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
         with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
             logits, hidden, self.kv_caches = self._forward(self.loaded.params, self.kv_caches, self.prev_tokens,
                                                            x, x_layout)

@@ -319,3 +319,18 @@ def test_engine_config_validation(llama):
         LLM(str(path), max_num_seqs=16, max_num_batched_tokens=8)
     with pytest.raises(ValueError, match="scheduling_policy"):
         LLM(str(path), scheduling_policy="lifo")
+
+
+def test_priority_scheduling_admits_lower_values_first(tiny_model):
+    """With one sequence at a time, requests run in priority order (then arrival), not submission order."""
+    path, _ = tiny_model("llama2")
+    llm = LLM(str(path), dtype="float32", num_kv_pages=32, page_size=PAGE, max_num_seqs=1,
+              max_num_batched_tokens=16, scheduling_policy="priority")
+    engine = llm.llm_engine
+    order = []
+    for rid, priority in (("a", 5), ("b", 1), ("c", 3), ("d", 1)):
+        engine.add_request(rid, {"prompt_token_ids": [7, 8, 9]}, SamplingParams(temperature=0, max_tokens=2),
+                           priority=priority)
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["b", "d", "c", "a"]
