@@ -98,6 +98,7 @@ def _chat(args: argparse.Namespace) -> None:
     if interactive:
         print("loading the model and compiling (the first start takes longest) ...", file=sys.stderr)
     engine = _engine(args, max_num_seqs=1, max_num_batched_tokens=args.max_num_batched_tokens)
+    logging.getLogger("jaxllm").setLevel(logging.WARNING)  # start-up progress shown; no stats lines mid-chat
     params = _sampling_params(args)
     system = args.system
     history: list[dict] = []

@@ -120,6 +120,7 @@ class LLMEngine:
         self._last_log, self._logged = time.monotonic(), dict(self.stats)
         if self.config.warmup:
             self.runner.warmup(lambda msg: logger.info(msg))
+        self._last_log = time.monotonic()
 
     @property
     def max_model_len(self) -> int:
