@@ -1,4 +1,4 @@
-"""The `jaxllm` command: generate, chat, convert (serve and bench come with their issues)."""
+"""The `jaxllm` command: generate, chat, serve, convert."""
 
 from __future__ import annotations
 
@@ -142,6 +142,16 @@ def _chat(args: argparse.Namespace) -> None:
             print("[reply cut at --max-tokens]", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from serve import run_server
+
+    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
+               served_model_name=args.served_model_name, tokenizer=args.tokenizer, dtype=args.dtype,
+               max_model_len=args.max_model_len, num_kv_pages=args.num_kv_pages,
+               tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+
+
 def _convert(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
@@ -173,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk size")
     c.set_defaults(func=_chat)
 
+    s = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) over HTTP")
+    _add_model_args(s, positional=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    s.set_defaults(func=_serve)
+
     v = sub.add_parser("convert", help="write a model as a jaxllm (Orbax) checkpoint that loads faster")
     v.add_argument("src", help="HF directory, GGUF file or hub id ('default' for the embedded model)")
     v.add_argument("dst", help="new directory to write")
@@ -185,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "src", None) == "default":
         args.src = None
-    # Progress and stats lines on a terminal chat; a one-shot generate or piped input stays quiet.
-    logging.getLogger("jaxllm").setLevel(logging.INFO if args.command == "chat" and sys.stdin.isatty()
-                                         else logging.WARNING)
+    # Progress and stats lines for a server and a terminal chat; a one-shot generate or piped input stays quiet.
+    verbose = args.command == "serve" or (args.command == "chat" and sys.stdin.isatty())
+    logging.getLogger("jaxllm").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         args.func(args)
     except (JaxLLMError, ValueError, NotImplementedError) as e:

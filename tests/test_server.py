@@ -1,0 +1,187 @@
+"""The OpenAI-compatible server: a real uvicorn server on 127.0.0.1, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.async_engine import AsyncLLM
+from serve.app import create_app
+
+KEY = "sk-test"
+MODEL = "tiny"
+KNOBS = dict(dtype="float32", num_kv_pages=128, page_size=8, max_num_seqs=8, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    path, _ = tiny_model("llama2")
+    llm = AsyncLLM(str(path), **KNOBS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(llm, MODEL, KEY), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    offline = LLM(str(path), **KNOBS)
+    yield f"http://127.0.0.1:{port}", llm, offline
+    srv.should_exit = True
+    thread.join(timeout=10)
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY)
+
+
+def greedy_text(offline: LLM, prompt, max_tokens: int) -> str:
+    return offline.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].text
+
+
+def test_completions_stream_equals_non_stream_equals_offline(server, client):
+    _, _, offline = server
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    assert full.choices[0].text == greedy_text(offline, "The quick brown fox", 12)
+    assert full.choices[0].finish_reason == "length" and full.id.startswith("cmpl-")
+    assert full.usage.completion_tokens == 12 and full.usage.total_tokens == full.usage.prompt_tokens + 12
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    echo = client.completions.create(**kw, echo=True)
+    assert echo.choices[0].text == "The quick brown fox" + full.choices[0].text
+
+
+def test_completions_batch_n_seed_logprobs(server, client):
+    out = client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=5, n=2, temperature=1.0,
+                                    seed=3, logprobs=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    again = client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=5, n=2, temperature=1.0,
+                                      seed=3, logprobs=2, extra_body={"ignore_eos": True})
+    assert [c.text for c in out.choices] == [c.text for c in again.choices]
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(v <= 0 for v in lp.token_logprobs)
+
+
+def test_chat_stream_and_logprobs(server, client):
+    _, _, offline = server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+    expected = offline.chat(messages, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].text
+    assert full.choices[0].message.content == expected and full.choices[0].message.role == "assistant"
+    assert len(full.choices[0].logprobs.content) == 8
+    assert all(len(t.top_logprobs) == 2 for t in full.choices[0].logprobs.content)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_errors_are_openai_json(server, client):
+    base = server[0]
+    with pytest.raises(openai.BadRequestError, match="temperature must be non-negative"):
+        client.completions.create(model=MODEL, prompt="hi", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens"):
+        client.completions.create(model=MODEL, prompt=[5] * 500, max_tokens=100)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong").models.list()
+    r = httpx.post(base + "/v1/chat/completions", json={"model": MODEL}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(base + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400
+    assert httpx.get(base + "/health").status_code == 200  # open without the key
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_concurrent_streams_complete_and_match(server):
+    base, llm, offline = server
+    prompts = [f"request {i} " + "word " * (i % 7) for i in range(24)]
+
+    async def one(c: openai.AsyncOpenAI, prompt: str) -> str:
+        stream = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+    async def main() -> list[str]:
+        c = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY)
+        return await asyncio.gather(*(one(c, p) for p in prompts))
+
+    t0 = time.perf_counter()
+    texts = asyncio.run(main())
+    elapsed = time.perf_counter() - t0
+    print(f"{len(prompts)} concurrent streams x 10 tokens in {elapsed:.1f} s")
+    assert texts == [greedy_text(offline, p, 10) for p in prompts]
+
+
+def test_disconnect_aborts_and_frees_pages(server):
+    base, llm, _ = server
+    engine = llm.engine
+    with httpx.stream("POST", base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": "hello", "max_tokens": 400, "stream": True,
+                            "ignore_eos": True}, timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    for _ in range(100):
+        if not engine.has_unfinished_requests() and engine.kv.num_free == engine.kv.num_pages:
+            break
+        time.sleep(0.05)
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_free == engine.kv.num_pages
+
+
+def test_jaxllm_serve_command_starts_answers_and_stops_on_sigterm(tiny_model):
+    """The console command: serves after warm-up, answers a request, exits cleanly soon after SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = tiny_model("llama2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("jaxllm")
+    proc = subprocess.Popen([str(exe), "serve", str(path), "--port", str(port), "--dtype", "float32",
+                             "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--served-model-name", "t"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAXLLM_WARMUP": "1"})
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert c.completions.create(model="t", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()
+    log = proc.stdout.read()
+    assert "compiled" in log and "Finished server process" in log, log[-2000:]
