@@ -27,7 +27,7 @@ from jaxllm.detokenizer import IncrementalDetokenizer
 from jaxllm.kv_cache import KVCacheManager
 from jaxllm.runner import ModelRunner, SeqInput
 from jaxllm.sampler import MAX_LOGPROBS, SAMPLING_EPS
-from jaxllm.sampling import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from jaxllm.sampling import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SamplingParams
 from jaxllm.scheduler import PLACEHOLDER, ScheduledBatch, Scheduler, Sequence, SeqStatus
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import apply_chat_template
@@ -56,6 +56,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    metrics: RequestMetrics = dataclasses.field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     @property
     def finished(self) -> bool:
@@ -69,7 +70,7 @@ class _Request:
                                                 s.stop_reason, o.cumulative_logprob if o.logprobs is not None
                                                 else None, o.logprobs))
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, self.finished,
-                             self.prompt_logprobs)
+                             self.prompt_logprobs, self.metrics)
 
 
 @dataclasses.dataclass
@@ -117,6 +118,7 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self._rng = random.Random(self.config.seed)
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.finished_reasons: dict[str, int] = {}  # completions finished, by finish_reason
         self._last_log, self._logged = time.monotonic(), dict(self.stats)
         if self.config.warmup:
             self.runner.warmup(lambda msg: logger.info(msg))
@@ -264,6 +266,11 @@ class LLMEngine:
             else:
                 targets.append([0] * n)
         handle = self.runner.launch(inputs, sample_rows, row_params, targets, use_sampler, want_plp, prev_rows)
+        now = time.monotonic()
+        for seq in batch.admitted:
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
         self.scheduler.update(batch)
         rows = {}
         for i, seq in enumerate(batch.seqs):
@@ -291,11 +298,17 @@ class LLMEngine:
             if request is not None:
                 touched[request.request_id] = request
         self.stats["steps"] += 1
-        outputs = []
+        outputs, now = [], time.monotonic()
         for request in touched.values():
-            outputs.append(request.output())
+            m = request.metrics
+            if m.first_token_time is None and any(s.num_output_tokens - s.num_pending > 0 for s in request.seqs):
+                m.first_token_time = now
             if request.finished:
+                m.finished_time = now
+                for s in request.seqs:
+                    self.finished_reasons[s.finish_reason] = self.finished_reasons.get(s.finish_reason, 0) + 1
                 del self.requests[request.request_id]
+            outputs.append(request.output())
         return outputs
 
     def _accept_token(self, seq: Sequence, token: int, logprobs: Any, row: int) -> None:

@@ -71,7 +71,8 @@ class KVCacheManager:
         self.cached: dict[bytes, int] = {}  # hash -> page holding those tokens
         # Pages with no user, least recently used first; cached ones are evicted only when taken.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
-        self.num_cache_hits = 0  # tokens served from the cache, since start-up (for logs and tests)
+        self.num_cache_hits = 0  # tokens served from the cache, since start-up (for logs, metrics, tests)
+        self.num_cache_queries = 0  # tokens looked up in the cache
 
     @property
     def num_free(self) -> int:
@@ -99,6 +100,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return []
         max_pages = (len(seq.all_token_ids) - 1) // self.page_size
+        self.num_cache_queries += len(seq.all_token_ids)
         pages = []
         for h in self._hashes(seq, extra_key)[:max_pages]:
             page = self.cached.get(h)

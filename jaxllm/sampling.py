@@ -101,6 +101,16 @@ class CompletionOutput:
 
 
 @dataclasses.dataclass
+class RequestMetrics:
+    """When a request arrived, was first scheduled, got its first token and finished (time.monotonic())."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclasses.dataclass
 class RequestOutput:
     """A request's outputs so far (vLLM's RequestOutput); `finished` once every completion stopped."""
 
@@ -110,3 +120,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token; None for the first
+    metrics: RequestMetrics | None = None

@@ -15,13 +15,14 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxllm
 from jaxllm.async_engine import AsyncLLM
 from jaxllm.sampling import RequestOutput
 from jaxllm.tokenizer import apply_chat_template
+from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
@@ -40,6 +41,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="jaxllm", version=jaxllm.__version__)
     tokenizer = llm.get_tokenizer()
+    metrics = Metrics(llm.engine, served_model_name)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -73,6 +75,10 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
     @app.get("/health")
     async def health() -> dict:
         return {}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/version")
     async def version() -> dict:
@@ -185,6 +191,7 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
     async def drain(gen: AsyncIterator, last: RequestOutput) -> RequestOutput:
         async for out in gen:
             last = out
+        metrics.observe(last)
         return last
 
     async def until_disconnect(raw: Request, coros: list) -> list[RequestOutput]:
@@ -243,6 +250,7 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
                                         "finish_reason": c.finish_reason if done else None})
                 if out.finished:
                     prompt_tokens += prompt_tokens_p
+                    metrics.observe(out)
                 if choices:
                     yield event(rid, chunk_kind, created, model, choices)
             if req.include_usage:

@@ -133,6 +133,11 @@ def test_concurrent_streams_complete_and_match(server):
     elapsed = time.perf_counter() - t0
     print(f"{len(prompts)} concurrent streams x 10 tokens in {elapsed:.1f} s")
     assert texts == [greedy_text(offline, p, 10) for p in prompts]
+    text = httpx.get(base + "/metrics").text
+    assert f'jaxllm:num_requests_running{{model_name="{MODEL}"}} 0.0' in text
+    assert 'jaxllm:request_success_total{finished_reason="length",model_name="tiny"}' in text
+    assert 'jaxllm:time_to_first_token_seconds_count{model_name="tiny"}' in text
+    assert float(text.split('jaxllm:generation_tokens_total{model_name="tiny"} ')[1].split()[0]) >= 240
 
 
 def test_disconnect_aborts_and_frees_pages(server):
