@@ -146,7 +146,8 @@ def _serve(args: argparse.Namespace) -> None:
     from serve import run_server
 
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
-               served_model_name=args.served_model_name, tokenizer=args.tokenizer, dtype=args.dtype,
+               served_model_name=args.served_model_name, max_queued_requests=args.max_queued_requests,
+               tokenizer=args.tokenizer, dtype=args.dtype,
                max_model_len=args.max_model_len, num_kv_pages=args.num_kv_pages,
                tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    s.add_argument("--max-queued-requests", type=int, default=None,
+                   help="answer 429 while this many requests wait (default: no limit)")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.set_defaults(func=_serve)

@@ -8,10 +8,12 @@ client that goes away has its requests aborted, which frees their pages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,10 +40,44 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
                         status_code=status)
 
 
-def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="jaxllm", version=jaxllm.__version__)
-    tokenizer = llm.get_tokenizer()
-    metrics = Metrics(llm.engine, served_model_name)
+class _Serving:
+    """The engine once it is loaded (the server answers 503 until then)."""
+
+    def __init__(self, llm: AsyncLLM, model_name: str) -> None:
+        self.llm, self.engine, self.tokenizer = llm, llm.engine, llm.get_tokenizer()
+        self.metrics = Metrics(llm.engine, model_name)
+
+
+def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, api_key: str | None = None,
+               max_queued_requests: int | None = None) -> FastAPI:
+    """The app over `llm`, or over what `llm()` returns: then it loads in a thread at start-up, and until it
+    is ready /health and every API route answer 503."""
+    state: dict[str, _Serving] = {}
+
+    def load() -> None:
+        try:
+            state["ready"] = _Serving(llm(), served_model_name)
+        except Exception as e:  # surfaced by /health and the routes
+            state["failed"] = e  # type: ignore[assignment]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if callable(llm) and not isinstance(llm, AsyncLLM):
+            threading.Thread(target=load, name="jaxllm-load", daemon=True).start()
+        else:
+            state["ready"] = _Serving(llm, served_model_name)
+        yield
+        if "ready" in state:
+            state["ready"].llm.shutdown()
+
+    app = FastAPI(title="jaxllm", version=jaxllm.__version__, lifespan=lifespan)
+
+    def serving() -> _Serving:
+        if "ready" not in state:
+            failed = state.get("failed")
+            raise APIError(503, f"the model failed to load: {failed}" if failed else "the model is still loading",
+                           "service_unavailable")
+        return state["ready"]
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -74,11 +110,12 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
 
     @app.get("/health")
     async def health() -> dict:
+        serving()
         return {}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(serving().metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/version")
     async def version() -> dict:
@@ -88,30 +125,31 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
     async def models() -> dict:
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
                                             "owned_by": "jaxllm",
-                                            "max_model_len": llm.engine.max_model_len}]}
+                                            "max_model_len": serving().engine.max_model_len}]}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
         check_model(req.model)
+        tokenizer = serving().tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either prompt or messages")
         if req.messages is not None:
             ids = chat_ids(req.messages, None, True)
         else:
             ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": serving().engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         check_model(req.model)
-        vocab = llm.engine.model.config.vocab_size
+        vocab = serving().engine.model.config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
+        return {"prompt": serving().tokenizer.decode(req.tokens)}
 
     def chat_ids(messages: list, template: str | None, add_generation_prompt: bool) -> list[int]:
         try:
-            return apply_chat_template(tokenizer, [m.as_template_message() for m in messages],
+            return apply_chat_template(serving().tokenizer, [m.as_template_message() for m in messages],
                                        chat_template=template, add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
@@ -153,6 +191,10 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
     async def start(prompts: list, params: Any, rid: str) -> list[tuple[AsyncIterator, RequestOutput]]:
         """Queue every prompt and wait for each one's first output, so that a bad request is a 400 before any
         byte of a 200 is sent; on any failure the ones already queued are aborted."""
+        llm = serving().llm
+        if max_queued_requests is not None and len(llm.engine.scheduler.waiting) >= max_queued_requests:
+            raise APIError(429, f"the server has {max_queued_requests} requests waiting already; retry later",
+                           "rate_limit_error")
         streams: list[tuple[AsyncIterator, RequestOutput]] = []
         try:
             for i, prompt in enumerate(prompts):
@@ -181,7 +223,8 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
                                     "logprobs": chat_logprobs(c.logprobs, c.token_ids, params.logprobs or 0),
                                     "finish_reason": c.finish_reason})
                 else:
-                    text = ((out.prompt or tokenizer.decode(out.prompt_token_ids)) if req.echo else "") + c.text
+                    echo = (out.prompt or serving().tokenizer.decode(out.prompt_token_ids)) if req.echo else ""
+                    text = echo + c.text
                     choices.append({"index": index, "text": text,
                                     "logprobs": completion_logprobs(c.logprobs, c.token_ids),
                                     "finish_reason": c.finish_reason})
@@ -191,7 +234,7 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
     async def drain(gen: AsyncIterator, last: RequestOutput) -> RequestOutput:
         async for out in gen:
             last = out
-        metrics.observe(last)
+        serving().metrics.observe(last)
         return last
 
     async def until_disconnect(raw: Request, coros: list) -> list[RequestOutput]:
@@ -250,7 +293,7 @@ def create_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None
                                         "finish_reason": c.finish_reason if done else None})
                 if out.finished:
                     prompt_tokens += prompt_tokens_p
-                    metrics.observe(out)
+                    serving().metrics.observe(out)
                 if choices:
                     yield event(rid, chunk_kind, created, model, choices)
             if req.include_usage:

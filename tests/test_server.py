@@ -21,22 +21,35 @@ MODEL = "tiny"
 KNOBS = dict(dtype="float32", num_kv_pages=128, page_size=8, max_num_seqs=8, max_num_batched_tokens=64)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    path, _ = tiny_model("llama2")
-    llm = AsyncLLM(str(path), **KNOBS)
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(llm, MODEL, KEY), host="127.0.0.1", port=port, log_level="warning"))
+        return s.getsockname()[1]
+
+
+def start(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    offline = LLM(str(path), **KNOBS)
-    yield f"http://127.0.0.1:{port}", llm, offline
+    return f"http://127.0.0.1:{port}", srv, thread
+
+
+def stop(srv: uvicorn.Server, thread: threading.Thread) -> None:
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    path, _ = tiny_model("llama2")
+    llm = AsyncLLM(str(path), **KNOBS)
+    base, srv, thread = start(create_app(llm, MODEL, KEY))
+    offline = LLM(str(path), **KNOBS)
+    yield base, llm, offline
+    stop(srv, thread)
     llm.shutdown()
 
 
@@ -157,6 +170,31 @@ def test_disconnect_aborts_and_frees_pages(server):
     assert engine.kv.num_free == engine.kv.num_pages
 
 
+def test_503_while_loading_then_429_when_the_queue_is_full(tiny_model):
+    path, _ = tiny_model("llama2")
+    release = threading.Event()
+
+    def load() -> AsyncLLM:
+        release.wait(60)
+        return AsyncLLM(str(path), **KNOBS)
+
+    base, srv, thread = start(create_app(load, MODEL, None, max_queued_requests=0))
+    try:
+        r = httpx.get(base + "/health")
+        assert r.status_code == 503 and r.json()["error"]["message"] == "the model is still loading"
+        assert httpx.post(base + "/v1/completions", json={"prompt": "hi"}).status_code == 503
+        release.set()
+        for _ in range(600):
+            if httpx.get(base + "/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        with pytest.raises(openai.RateLimitError, match="requests waiting already"):
+            openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).completions.create(
+                model=MODEL, prompt="hi", max_tokens=2)
+    finally:
+        stop(srv, thread)
+
+
 def test_jaxllm_serve_command_starts_answers_and_stops_on_sigterm(tiny_model):
     """The console command: serves after warm-up, answers a request, exits cleanly soon after SIGTERM."""
     import os
@@ -166,9 +204,7 @@ def test_jaxllm_serve_command_starts_answers_and_stops_on_sigterm(tiny_model):
     from pathlib import Path
 
     path, _ = tiny_model("llama2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("jaxllm")
     proc = subprocess.Popen([str(exe), "serve", str(path), "--port", str(port), "--dtype", "float32",
                              "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--served-model-name", "t"],
