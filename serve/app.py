@@ -13,11 +13,12 @@ import json
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxllm
@@ -26,6 +27,9 @@ from jaxllm.sampling import RequestOutput
 from jaxllm.tokenizer import apply_chat_template
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+
+CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"  # the web chat page at GET /
 
 
 class APIError(Exception):
@@ -107,6 +111,10 @@ def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, a
         if name is not None and name != served_model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {served_model_name!r}",
                            "not_found_error", "model")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health() -> dict:
