@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -50,6 +51,23 @@ class _Serving:
     def __init__(self, llm: AsyncLLM, model_name: str) -> None:
         self.llm, self.engine, self.tokenizer = llm, llm.engine, llm.get_tokenizer()
         self.metrics = Metrics(llm.engine, model_name)
+
+
+class _RequireAPIKey:
+    """401 on /v1 routes without `Authorization: Bearer KEY`. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would hide client disconnects from the routes (Request.is_disconnected)."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and \
+                dict(scope["headers"]).get(b"authorization") != self.expected:
+            response = error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                      "authentication_error")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, api_key: str | None = None,
@@ -99,13 +117,8 @@ def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, a
         return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else
                               "invalid_request_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                  "authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_RequireAPIKey, key=api_key)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_model_name:
@@ -159,8 +172,8 @@ def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, a
         try:
             return apply_chat_template(serving().tokenizer, [m.as_template_message() for m in messages],
                                        chat_template=template, add_generation_prompt=add_generation_prompt)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        except (ValueError, jinja2.TemplateError) as e:  # no template, or one that fails on these messages
+            raise APIError(400, f"the chat template could not be applied: {e}", param="messages") from None
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Any:
@@ -172,6 +185,8 @@ def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, a
             raise APIError(400, str(e), param="prompt") from None
         if req.echo and req.stream:
             raise APIError(400, "echo is not supported with stream", param="echo")
+        if req.echo and req.logprobs is not None:  # the prompt's tokens get logprobs too, as OpenAI's API does
+            params.prompt_logprobs = req.logprobs
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await respond(raw, req, rid, "text_completion", prompts, params, chat=False)
 
@@ -233,9 +248,10 @@ def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, a
                 else:
                     echo = (out.prompt or serving().tokenizer.decode(out.prompt_token_ids)) if req.echo else ""
                     text = echo + c.text
-                    choices.append({"index": index, "text": text,
-                                    "logprobs": completion_logprobs(c.logprobs, c.token_ids),
-                                    "finish_reason": c.finish_reason})
+                    lp = completion_logprobs(c.logprobs, c.token_ids)
+                    if lp is not None and req.echo:
+                        lp = join_logprobs(prompt_logprobs(out), lp)
+                    choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
         return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
                 "usage": usage(prompt_tokens, completion_tokens)}
 
@@ -326,6 +342,23 @@ def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, a
             tops = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= k), key=lambda lp: lp.rank)
             content.append({**item(entry[tok]), "top_logprobs": [item(lp) for lp in tops]})
         return {"content": content}
+
+    def prompt_logprobs(out: RequestOutput) -> dict:
+        """The echoed prompt's tokens in the completions logprobs format (the first token has none)."""
+        tokens = [serving().tokenizer.decode([t]) for t in out.prompt_token_ids]
+        entries = out.prompt_logprobs or [None] * len(tokens)
+        return {"tokens": tokens,
+                "token_logprobs": [e[t].logprob if e else None for t, e in zip(out.prompt_token_ids, entries)],
+                "top_logprobs": [{lp.decoded_token: lp.logprob for lp in e.values()} if e else None for e in entries],
+                "text_offset": []}
+
+    def join_logprobs(head: dict, tail: dict) -> dict:
+        joined = {k: head[k] + tail[k] for k in ("tokens", "token_logprobs", "top_logprobs")}
+        joined["text_offset"], pos = [], 0
+        for text in joined["tokens"]:
+            joined["text_offset"].append(pos)
+            pos += len(text)
+        return joined
 
     def completion_logprobs(entries: list | None, token_ids: list[int]) -> dict | None:
         if entries is None:

@@ -74,8 +74,14 @@ def test_completions_stream_equals_non_stream_equals_offline(server, client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    echo = client.completions.create(**kw, echo=True)
+    echo = client.completions.create(**kw, echo=True, logprobs=1)
     assert echo.choices[0].text == "The quick brown fox" + full.choices[0].text
+    lp = echo.choices[0].logprobs
+    assert len(lp.tokens) == full.usage.prompt_tokens + 12 and lp.token_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and "".join(lp.tokens) == echo.choices[0].text
+    stopped = client.completions.create(**{**kw, "stop": [full.choices[0].text[3:5]]})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == full.choices[0].text[:full.choices[0].text.index(full.choices[0].text[3:5])]
 
 
 def test_completions_batch_n_seed_logprobs(server, client):
@@ -125,6 +131,16 @@ def test_errors_are_openai_json(server, client):
     r = httpx.post(base + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400
     assert httpx.get(base + "/health").status_code == 200  # open without the key
+    with pytest.raises(openai.BadRequestError, match="chat template could not be applied"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"chat_template": "{% for m in messages %}{{ m.content "})
+    tokenizer = server[1].get_tokenizer()
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        tokenizer.chat_template = template
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
@@ -167,19 +183,29 @@ def test_64_concurrent_streams_complete_and_match(server):
     assert float(text.split('jaxllm:generation_tokens_total{model_name="tiny"} ')[1].split()[0]) >= tokens
 
 
-def test_disconnect_aborts_and_frees_pages(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts_and_frees_pages(server, stream):
+    """A client that goes away mid-stream (or while waiting for a whole reply) has its request aborted:
+    /metrics shows nothing running and every KV page is free again."""
     base, llm, _ = server
     engine = llm.engine
-    with httpx.stream("POST", base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": MODEL, "prompt": "hello", "max_tokens": 400, "stream": True,
-                            "ignore_eos": True}, timeout=30) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 6:
-                break
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 500, "stream": stream, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    generated = engine.stats["generated_tokens"]
+    if stream:
+        with httpx.stream("POST", base + "/v1/completions", headers=headers, json=body, timeout=30) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 6:
+                    break
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", headers=headers, json=body, timeout=0.1)
     for _ in range(100):
         if not engine.has_unfinished_requests() and engine.kv.num_free == engine.kv.num_pages:
             break
         time.sleep(0.05)
+    assert f'jaxllm:num_requests_running{{model_name="{MODEL}"}} 0.0' in httpx.get(base + "/metrics").text
+    assert engine.stats["generated_tokens"] - generated < 500  # stopped early, not run to max_tokens
     assert not engine.has_unfinished_requests()
     assert engine.kv.num_free == engine.kv.num_pages
 
