@@ -86,9 +86,9 @@ def main() -> int:
         tmp = Path(tmp)
         ok = tiny_parity(tmp)
         n_params = build_1b(tmp / "1b")
-        from transformers import AutoTokenizer  # noqa: F401  (the 1B model has no tokenizer: reuse the tiny one)
         import shutil
-        for f in (tmp / "tok").iterdir():
+
+        for f in (tmp / "tok").iterdir():  # the 1B model has no tokenizer: reuse the tiny one
             shutil.copy(f, tmp / "1b" / f.name)
         t0 = time.perf_counter()
         llm = LLM(str(tmp / "1b"), dtype="bfloat16", max_num_seqs=64, max_num_batched_tokens=2048,

@@ -7,7 +7,6 @@ logit bias, seeds, logprobs) and on the host by the engine (stop strings and tok
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 
 @dataclasses.dataclass

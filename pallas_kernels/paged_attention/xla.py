@@ -7,7 +7,8 @@ kernel does: the ragged tokens are cut into tiles of `block_q` tokens of one seq
 the keys in blocks with an online softmax, only as far as the longest visible range in the batch
 (a dynamic trip count). Its cost follows the real tokens and context lengths, not the static shapes.
 
-Layout: the reference's, k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim].
+Layout: the reference's, k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim] (written by
+reference.write_kv).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_attention.common import ragged_tiles, visible_blocks
-from pallas_kernels.paged_attention.reference import MASK_VALUE, write_kv  # noqa: F401  (same layout and scatter)
+from pallas_kernels.paged_attention.reference import MASK_VALUE
 
 
 @functools.partial(jax.jit, static_argnames=("max_query_len", "scale", "sliding_window", "soft_cap", "block_k"))
