@@ -314,3 +314,16 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
     finally:
         driver.quit()
+
+
+def test_tokenize_detokenize_version(server, tiny_tokenizer):
+    base = server[0]
+    r = httpx.post(base + "/tokenize", json={"model": MODEL, "prompt": "The quick brown fox"}).json()
+    assert r["tokens"] == tiny_tokenizer.encode("The quick brown fox") and r["count"] == len(r["tokens"])
+    assert httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "The quick brown fox"
+    chat = httpx.post(base + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
+                                                                add_generation_prompt=True, return_dict=False)
+    bad = httpx.post(base + "/detokenize", json={"tokens": [10 ** 6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.get(base + "/version").json()["version"]
