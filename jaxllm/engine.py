@@ -182,6 +182,7 @@ class LLMEngine:
             for seq in request.seqs if request else []:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "abort")
+                    self.finished_reasons["abort"] = self.finished_reasons.get("abort", 0) + 1
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -268,6 +268,8 @@ def create_app(llm: AsyncLLM | Callable[[], AsyncLLM], served_model_name: str, a
             await asyncio.wait([task], timeout=0.1)
             if not task.done() and await raw.is_disconnected():
                 task.cancel()  # closes the generators, which aborts their requests
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
                 raise APIError(499, "client disconnected")
         return task.result()
 

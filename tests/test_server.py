@@ -191,21 +191,32 @@ def test_disconnect_aborts_and_frees_pages(server, stream):
     engine = llm.engine
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 500, "stream": stream, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {KEY}"}
-    generated = engine.stats["generated_tokens"]
-    if stream:
-        with httpx.stream("POST", base + "/v1/completions", headers=headers, json=body, timeout=30) as r:
-            for i, _ in enumerate(r.iter_lines()):
-                if i > 6:
-                    break
-    else:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(base + "/v1/completions", headers=headers, json=body, timeout=0.1)
-    for _ in range(100):
-        if not engine.has_unfinished_requests() and engine.kv.num_free == engine.kv.num_pages:
-            break
-        time.sleep(0.05)
-    assert f'jaxllm:num_requests_running{{model_name="{MODEL}"}} 0.0' in httpx.get(base + "/metrics").text
+    generated, aborted = engine.stats["generated_tokens"], engine.finished_reasons.get("abort", 0)
+    step = engine.step
+
+    def slow_step():  # ~5 ms a token, so the request outlives the server's noticing the disconnect
+        time.sleep(0.005)
+        return step()
+
+    engine.step = slow_step
+    try:
+        if stream:
+            with httpx.stream("POST", base + "/v1/completions", headers=headers, json=body, timeout=30) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i > 6:
+                        break
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(base + "/v1/completions", headers=headers, json=body, timeout=0.1)
+        for _ in range(100):
+            if not engine.has_unfinished_requests() and engine.kv.num_free == engine.kv.num_pages:
+                break
+            time.sleep(0.05)
+        assert f'jaxllm:num_requests_running{{model_name="{MODEL}"}} 0.0' in httpx.get(base + "/metrics").text
+    finally:
+        engine.step = step
     assert engine.stats["generated_tokens"] - generated < 500  # stopped early, not run to max_tokens
+    assert engine.finished_reasons.get("abort", 0) == aborted + 1
     assert not engine.has_unfinished_requests()
     assert engine.kv.num_free == engine.kv.num_pages
 
