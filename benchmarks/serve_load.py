@@ -21,7 +21,7 @@ import openai
 
 from jaxllm.async_engine import AsyncLLM
 from serve.app import create_app
-from tests.test_server import start, stop
+from tests.test_server import headless_chromium, start, stop
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.",
              "Explain what a KV cache is in one sentence.", "What is 12 times 12?", "Say hello in Spanish.",
@@ -43,15 +43,10 @@ async def one(c: openai.AsyncOpenAI, model: str, i: int, max_tokens: int) -> tup
 
 
 def screenshot(base: str, path: str) -> str:
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,700"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=webdriver.ChromeService("/usr/bin/chromedriver"), options=opts)
+    driver = headless_chromium(1100, 700)
     try:
         driver.get(base + "/")
         WebDriverWait(driver, 30).until(lambda d: "SmolLM" in d.find_element(By.ID, "model").text or

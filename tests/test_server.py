@@ -37,6 +37,17 @@ def start(app) -> tuple[str, uvicorn.Server, threading.Thread]:
     return f"http://127.0.0.1:{port}", srv, thread
 
 
+def headless_chromium(width: int, height: int):
+    """A selenium driver for Debian's chromium and chromium-driver, headless."""
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={width},{height}"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=webdriver.ChromeService("/usr/bin/chromedriver"), options=opts)
+
+
 def stop(srv: uvicorn.Server, thread: threading.Thread) -> None:
     srv.should_exit = True
     thread.join(timeout=10)
@@ -282,16 +293,11 @@ def test_jaxllm_serve_command_starts_answers_and_stops_on_sigterm(tiny_model):
 def test_chat_page_in_headless_chromium(server, tmp_path):
     """The page at / in a real headless Chromium: set the key and greedy sampling, send a message, and the
     streamed reply in the DOM is the engine's reply; a second turn keeps the conversation."""
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, _, offline = server
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,760"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=webdriver.ChromeService("/usr/bin/chromedriver"), options=opts)
+    driver = headless_chromium(1100, 760)
     try:
         driver.get(base + "/")
         wait = WebDriverWait(driver, 60)
