@@ -19,6 +19,7 @@ returns at once; `fetch` waits, so the engine can launch the next step first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -300,10 +301,11 @@ class ModelRunner:
         if seqs:
             ids, pos, md, li = prepare_batch(seqs, self.page_size, self.num_pages, self.max_pages_per_seq,
                                              num_tokens=num_tokens, num_seqs=num_seqs, max_query_len=max_q)
-        else:  # an empty batch of the bucket's shape (warm-up)
+        else:  # a one-token batch of the bucket's shape (warm-up) whose write goes to the dropped slot
             ids, pos, md, li = prepare_batch([SeqInput([0], 0, [0])], self.page_size, self.num_pages,
                                              self.max_pages_per_seq, num_tokens=num_tokens, num_seqs=num_seqs,
                                              max_query_len=max_q)
+            md.slot_mapping[:] = self.num_pages * self.page_size
         mask = np.zeros(num_seqs, bool)
         mask[:len(sample_rows)] = sample_rows
         targets = np.zeros(num_tokens, np.int32)
@@ -335,8 +337,10 @@ class ModelRunner:
         out, plp = self._run_step(key, inputs, mode, want_prompt_logprobs)
         return out, plp, self._output_layouts(key), len(seqs), num_tokens
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019  (one runner per engine; a handful of buckets)
     def _output_layouts(self, key: tuple[int, int, int]) -> tuple[tuple, tuple]:
-        """How a bucket's packed (tokens, logprobs) and prompt logprobs unpack on the host."""
+        """How a bucket's packed (tokens, logprobs) and prompt logprobs unpack on the host (built once per bucket,
+        not on every step)."""
         num_tokens, num_seqs, _ = key
         k = min(sampler.MAX_LOGPROBS, self.loaded.config.vocab_size)
 
