@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.paged_attention import gpu, reference  # noqa: E402
+from pallas_kernels.paged_attention import gpu, prefill, reference  # noqa: E402
 
 KVH, GROUP, D, PAGE = 8, 4, 128, 16
 H = KVH * GROUP
@@ -241,7 +241,51 @@ def attn_flops(chunks) -> float:
     return 4.0 * total * H * D
 
 
-def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None) -> dict:
+def step_kv(kp, vp, table, lens, cu):
+    """The k, v [num_tokens, KVH, D] of each query token's own position: what its step wrote to the pages."""
+    t = jnp.arange(q_len_total := int(cu[-1]))
+    seq = prefill.token_sequences(cu, q_len_total)
+    pos = lens[seq] - (cu[seq + 1] - cu[seq]) + (t - cu[seq])
+    page, off = table[seq, pos // PAGE], pos % PAGE
+    return kp[:, page, off].transpose(1, 0, 2), vp[:, page, off].transpose(1, 0, 2)
+
+
+def routed_fn(mql: int, window: int | None = None):
+    """What the engine runs on GPU for a step with prefills: fresh prompts to cuDNN, the rest to our kernel."""
+    def f(q, kp, vp, table, lens, cu, k, v):
+        paged = lambda sl: gpu.ragged_paged_attention(q, kp, vp, table, sl, cu, max_query_len=mql, scale=SCALE,
+                                                      sliding_window=window, interpret=INTERPRET)
+        return prefill.route_fresh_prefills(paged, prefill.packed_causal_cudnn, q, k, v, cu, lens, scale=SCALE,
+                                            sliding_window=window)
+    return jax.jit(f)
+
+
+def check_route(rng) -> list[dict]:
+    """cuDNN's packed call through the route against the f32 reference: fresh prompts mixed with decodes and
+    chunks, with and without a sliding window, a step with no fresh prompt, and a one-sequence step."""
+    results = []
+    for name, chunks, window in [("2 prompts + chunk + 3 decodes", [(100, 100), (1, 300), (37, 37), (64, 200),
+                                                                   (1, 17), (1, 64)], None),
+                                 ("same, window 48", [(100, 100), (1, 300), (37, 37), (64, 200), (1, 17), (1, 64)],
+                                  48),
+                                 ("no fresh prompt", [(1, 300), (64, 200), (1, 5)], None),
+                                 ("one prompt alone", [(333, 333)], None)]:
+        q, kp, vp, table, lens, cu, mql = make_ragged(rng, chunks)
+        kr, vr = (x.transpose(1, 2, 0, 3).astype(jnp.float32) for x in (kp, vp))
+        ref = reference.ragged_paged_attention(q.astype(jnp.float32), kr, vr, table, lens, cu, max_query_len=mql,
+                                               scale=SCALE, sliding_window=window)
+        try:
+            out = routed_fn(mql, window)(q, kp, vp, table, lens, cu, *step_kv(kp, vp, table, lens, cu))
+            err = rel_err(out, ref)
+            finite = bool(np.isfinite(np.asarray(out, np.float32)).all())
+        except Exception as e:
+            err, finite = f"FAILED {str(e)[:300]}", False
+        log(f"  route check {name}: rel err {err} finite {finite}")
+        results.append({"case": name, "rel_err": err, "finite": finite})
+    return results
+
+
+def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None, route: bool = False) -> dict:
     q, kp, vp, table, lens, cu, mql = make_ragged(rng, chunks)
     flops = attn_flops(chunks)
     kr, vr = (x.transpose(1, 2, 0, 3).astype(jnp.float32) for x in (kp, vp))
@@ -249,6 +293,15 @@ def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None)
         q.astype(jnp.float32), kr, vr, table, lens, cu)
     del kr, vr
     row = {"case": name, "GFLOP": flops / 1e9}
+    if route and not INTERPRET:
+        f, args = routed_fn(mql), (q, kp, vp, table, lens, cu, *step_kv(kp, vp, table, lens, cu))
+        try:
+            err = rel_err(f(*args), ref)
+            t = timed(f, [args])
+            row.update(routed_us=t * 1e6, routed_TFLOPs=flops / t / 1e12, routed_err=err)
+            log(f"  routed (fresh prompts to cuDNN): {t * 1e6:8.1f} us {flops / t / 1e12:6.1f} TFLOP/s err {err:.1e}")
+        except Exception as e:
+            log(f"  routed: FAILED {str(e)[:300]}")
     ours = {}
     configs = ([(None, None, 4, 2, True)] if quick else
                [(None, None, 4, 2, True)] + list(itertools.product([16, 32], [4], [4, 8], [2], [True])))
@@ -304,9 +357,15 @@ def main() -> None:
     for batch, ctx in decode_cases:
         log(f"decode batch={batch} ctx={ctx}")
         rows.append(bench_decode(rng, batch, ctx, args.quick, peak))
+    if not INTERPRET:
+        log("fresh-prefill route (cuDNN) against the reference")
+        route_checks = check_route(rng)
     n = 64 if args.smoke else 2048
     log(f"prefill {n}")
-    rows.append(bench_ragged(rng, f"prefill 1x{n}", [(n, n)], args.quick, (1, n)))
+    rows.append(bench_ragged(rng, f"prefill 1x{n}", [(n, n)], args.quick, (1, n), route=True))
+    fresh_mixed = [(n // 4, n // 4)] * 4 + [(1, n)] * (4 if args.smoke else 60)
+    rows.append(bench_ragged(rng, f"mixed 4 fresh prompts of {n // 4} + {len(fresh_mixed) - 4} decodes@{n}",
+                             fresh_mixed, True, None, route=True))
     mixed = [(n // 4, n)] * 4 + [(1, n)] * (4 if args.smoke else 60)
     log("mixed")
     rows.append(bench_ragged(rng, f"mixed 4x{n // 4} chunks@{n} + {len(mixed) - 4} decodes@{n}", mixed,
@@ -314,7 +373,8 @@ def main() -> None:
     rows.append(bench_ragged(rng, "  part: the 4 chunks alone", mixed[:4], True, None))
     rows.append(bench_ragged(rng, "  part: the decodes alone", mixed[4:], True, None))
 
-    result = {"device": dev.device_kind, "jax": jax.__version__, "bandwidth": bw, "rows": rows}
+    result = {"device": dev.device_kind, "jax": jax.__version__, "bandwidth": bw, "rows": rows,
+              "route_checks": None if INTERPRET else route_checks}
     with open(os.path.join(args.out, "attention_h100.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     log("\n=== summary (median of %d x %d calls) ===" % (REPS, ITERS))
@@ -328,7 +388,8 @@ def main() -> None:
                 f"| ours(default knobs) {r.get('ours_default_us', float('nan')):7.1f} us")
         else:
             log(f"{r['case']:44s} ours {r['ours_us']:8.1f} us {r['ours_TFLOPs']:6.1f} TFLOP/s cfg {r['ours_cfg']}"
-                + (f" | cudnn {r['cudnn_us']:.1f} us {r['cudnn_TFLOPs']:.1f} TFLOP/s" if "cudnn_us" in r else ""))
+                + (f" | cudnn {r['cudnn_us']:.1f} us {r['cudnn_TFLOPs']:.1f} TFLOP/s" if "cudnn_us" in r else "")
+                + (f" | routed {r['routed_us']:.1f} us {r['routed_TFLOPs']:.1f} TFLOP/s" if "routed_us" in r else ""))
 
 
 if __name__ == "__main__":
