@@ -250,13 +250,15 @@ def step_kv(kp, vp, table, lens, cu):
     return kp[:, page, off].transpose(1, 0, 2), vp[:, page, off].transpose(1, 0, 2)
 
 
-def routed_fn(mql: int, window: int | None = None):
-    """What the engine runs on GPU for a step with prefills: fresh prompts to cuDNN, the rest to our kernel."""
+def routed_fn(mql: int, window: int | None = None, segments: int = prefill.MAX_CUDNN_SEGMENTS):
+    """What the engine runs on GPU for a step with prefills: the first `segments` fresh prompts to cuDNN, the
+    rest to our kernel."""
     def f(q, kp, vp, table, lens, cu, k, v):
         paged = lambda sl: gpu.ragged_paged_attention(q, kp, vp, table, sl, cu, max_query_len=mql, scale=SCALE,
                                                       sliding_window=window, interpret=INTERPRET)
-        return prefill.route_fresh_prefills(paged, prefill.packed_causal_cudnn, q, k, v, cu, lens, scale=SCALE,
-                                            sliding_window=window)
+        dense = functools.partial(prefill.packed_causal_cudnn, max_segments=segments)
+        return prefill.route_fresh_prefills(paged, dense, q, k, v, cu, lens, scale=SCALE, sliding_window=window,
+                                            max_fresh=segments)
     return jax.jit(f)
 
 
@@ -294,14 +296,20 @@ def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None,
     del kr, vr
     row = {"case": name, "GFLOP": flops / 1e9}
     if route and not INTERPRET:
-        f, args = routed_fn(mql), (q, kp, vp, table, lens, cu, *step_kv(kp, vp, table, lens, cu))
-        try:
-            err = rel_err(f(*args), ref)
-            t = timed(f, [args])
-            row.update(routed_us=t * 1e6, routed_TFLOPs=flops / t / 1e12, routed_err=err)
-            log(f"  routed (fresh prompts to cuDNN): {t * 1e6:8.1f} us {flops / t / 1e12:6.1f} TFLOP/s err {err:.1e}")
-        except Exception as e:
-            log(f"  routed: FAILED {str(e)[:300]}")
+        args = (q, kp, vp, table, lens, cu, *step_kv(kp, vp, table, lens, cu))
+        for segments in sorted({2, prefill.MAX_CUDNN_SEGMENTS, 16, 64}):
+            f = routed_fn(mql, segments=segments)
+            try:
+                err = rel_err(f(*args), ref)
+                t = timed(f, [args])
+            except Exception as e:
+                log(f"  routed segments={segments}: FAILED {str(e)[:300]}")
+                continue
+            row[f"routed_us_seg{segments}"] = t * 1e6
+            if segments == prefill.MAX_CUDNN_SEGMENTS:
+                row.update(routed_us=t * 1e6, routed_TFLOPs=flops / t / 1e12, routed_err=err)
+            log(f"  routed (first {segments} fresh prompts to cuDNN): {t * 1e6:8.1f} us "
+                f"{flops / t / 1e12:6.1f} TFLOP/s err {err:.1e}")
     ours = {}
     configs = ([(None, None, 4, 2, True)] if quick else
                [(None, None, 4, 2, True)] + list(itertools.product([16, 32], [4], [4, 8], [2], [True])))
@@ -341,6 +349,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU check)")
+    parser.add_argument("--skip-decode", action="store_true", help="only the prefill / mixed cases")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     global INTERPRET, ITERS, REPS, ROTATE
@@ -354,7 +363,7 @@ def main() -> None:
     peak = bw.get("torch_copy_TBps", bw["jax_elementwise_TBps"])
     rows = []
     decode_cases = [(4, 128), (1, 256)] if args.smoke else [(64, 2048), (256, 1024), (8, 8192), (1, 4096)]
-    for batch, ctx in decode_cases:
+    for batch, ctx in ([] if args.skip_decode else decode_cases):
         log(f"decode batch={batch} ctx={ctx}")
         rows.append(bench_decode(rng, batch, ctx, args.quick, peak))
     if not INTERPRET:
@@ -366,10 +375,13 @@ def main() -> None:
     fresh_mixed = [(n // 4, n // 4)] * 4 + [(1, n)] * (4 if args.smoke else 60)
     rows.append(bench_ragged(rng, f"mixed 4 fresh prompts of {n // 4} + {len(fresh_mixed) - 4} decodes@{n}",
                              fresh_mixed, True, None, route=True))
+    one_fresh = [(n // 2, n // 2)] + [(1, n)] * (4 if args.smoke else 60)
+    rows.append(bench_ragged(rng, f"mixed 1 fresh prompt of {n // 2} + {len(one_fresh) - 1} decodes@{n}",
+                             one_fresh, True, None, route=True))
     mixed = [(n // 4, n)] * 4 + [(1, n)] * (4 if args.smoke else 60)
     log("mixed")
     rows.append(bench_ragged(rng, f"mixed 4x{n // 4} chunks@{n} + {len(mixed) - 4} decodes@{n}", mixed,
-                             args.quick, None))
+                             args.quick, None, route=True))
     rows.append(bench_ragged(rng, "  part: the 4 chunks alone", mixed[:4], True, None))
     rows.append(bench_ragged(rng, "  part: the decodes alone", mixed[4:], True, None))
 

@@ -37,9 +37,11 @@ def test_fresh_sequences():
     assert prefill.token_sequences(qsl, 11).tolist() == [0] * 5 + [1] + [2] * 3 + [3, 3]
 
 
-@pytest.mark.parametrize("window,dtype", [(None, np.float32), (6, np.float32), (None, jnp.bfloat16)])
-def test_route_equals_reference(window, dtype):
-    """Two whole prompts (one an exact page multiple), a one-token prompt, decodes and a chunked prefill."""
+@pytest.mark.parametrize("window,dtype,max_fresh", [(None, np.float32, None), (6, np.float32, 4),
+                                                     (None, jnp.bfloat16, 4), (None, np.float32, 1)])
+def test_route_equals_reference(window, dtype, max_fresh):
+    """Two whole prompts (one an exact page multiple), a one-token prompt, decodes and a chunked prefill; with
+    max_fresh 1 only the first prompt takes the dense path and the others stay with the kernel."""
     rng = np.random.default_rng(11)
     q_lens = [13, 1, 16, 1, 9, 1]
     kv_lens = [13, 30, 16, 1, 40, 17]
@@ -53,7 +55,7 @@ def test_route_equals_reference(window, dtype):
                                                         interpret=True, **kw)
         return prefill.route_fresh_prefills(paged, prefill.packed_causal_attention, q, jnp.asarray(k),
                                             jnp.asarray(v), query_start_loc, seq_lens, scale=scale,
-                                            sliding_window=window)
+                                            sliding_window=window, max_fresh=max_fresh)
 
     out, ref = run_kernel_and_reference(routed, case, window=window)
     out = out[:case.num_tokens]

@@ -22,6 +22,11 @@ import jax.numpy as jnp
 from pallas_kernels.paged_attention.reference import MASK_VALUE
 
 
+# cuDNN's packed layout costs in proportion to its segment slots (measured: 64 slots made a step of 4 fresh
+# prompts and 60 decodes slower than the kernel alone), so only the first few fresh prompts of a step take it.
+MAX_CUDNN_SEGMENTS = 4
+
+
 def fresh_sequences(query_start_loc: jax.Array, seq_lens: jax.Array) -> jax.Array:
     """[num_seqs] bool: the sequence's query is all of it (a whole prompt in one chunk); padding is not."""
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
@@ -58,8 +63,10 @@ def packed_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, query_star
 
 
 def packed_causal_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, query_start_loc: jax.Array, fresh: jax.Array,
-                        *, scale: float, sliding_window: int | None = None) -> jax.Array:
-    """Same contract, through cuDNN's flash attention on the packed layout (Hopper or newer, fp16/bf16).
+                        *, scale: float, sliding_window: int | None = None,
+                        max_segments: int = MAX_CUDNN_SEGMENTS) -> jax.Array:
+    """Same contract, through cuDNN's flash attention on the packed layout (Hopper or newer, fp16/bf16), for
+    at most `max_segments` fresh sequences (at least 2 unless the step has one sequence: the packed layout).
 
     The fresh sequences become segments of one batch row: their lengths and start offsets come first, the
     rest is -1 (cuDNN's padding). A step without fresh sequences still gets one (ignored) segment.
@@ -67,15 +74,16 @@ def packed_causal_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, query_start_lo
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
     num_seqs = fresh.shape[0]
+    segments = 1 if num_seqs == 1 else min(max(2, max_segments), num_seqs)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    order = jnp.argsort(~fresh, stable=True)  # fresh sequences first, in batch order
+    order = jnp.argsort(~fresh, stable=True)[:segments]  # fresh sequences first, in batch order
     present = fresh[order]
     lens = jnp.where(present, q_lens[order], -1).astype(jnp.int32)
     starts = jnp.where(present, query_start_loc[:-1][order], -1).astype(jnp.int32)
     none = ~present[0]
     lens = lens.at[0].set(jnp.where(none, 1, lens[0]))
     starts = starts.at[0].set(jnp.where(none, 0, starts[0]))
-    if num_seqs == 1:  # one segment: cuDNN's plain padded layout
+    if segments == 1:  # one sequence: cuDNN's plain padded layout
         seg = dict(q_seqlen=lens, kv_seqlen=lens)
     else:
         offsets = jnp.concatenate([starts, jnp.full((1,), -1, jnp.int32)])[None]
@@ -112,13 +120,16 @@ def fresh_prefill_impl(backend: str, dtype, head_dim: int, soft_cap: float | Non
 
 def route_fresh_prefills(paged: Callable[[jax.Array], jax.Array], fresh_attention: Callable, q: jax.Array,
                          k: jax.Array, v: jax.Array, query_start_loc: jax.Array, seq_lens: jax.Array, *,
-                         scale: float, sliding_window: int | None) -> jax.Array:
-    """Attention of a ragged step with its fresh prefills sent to `fresh_attention`.
+                         scale: float, sliding_window: int | None, max_fresh: int | None = MAX_CUDNN_SEGMENTS
+                         ) -> jax.Array:
+    """Attention of a ragged step with its first `max_fresh` fresh prefills sent to `fresh_attention`.
 
     paged(seq_lens) runs the paged kernel; it gets seq_lens 0 for the fresh sequences, so their programs
     visit no keys. q: [num_tokens, num_heads, head_dim]; k, v: this step's [num_tokens, num_kv_heads, head_dim].
     """
     fresh = fresh_sequences(query_start_loc, seq_lens)
+    if max_fresh is not None:
+        fresh &= jnp.cumsum(fresh) <= max_fresh
     out_paged = paged(jnp.where(fresh, 0, seq_lens))
     out_fresh = fresh_attention(q, k, v, query_start_loc, fresh, scale=scale, sliding_window=sliding_window)
     take_fresh = fresh[token_sequences(query_start_loc, q.shape[0])]
