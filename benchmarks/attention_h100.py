@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.paged_attention import gpu, prefill, reference  # noqa: E402
+from pallas_kernels.paged_attention import gpu, reference  # noqa: E402
 
 KVH, GROUP, D, PAGE = 8, 4, 128, 16
 H = KVH * GROUP
@@ -241,53 +241,7 @@ def attn_flops(chunks) -> float:
     return 4.0 * total * H * D
 
 
-def step_kv(kp, vp, table, lens, cu):
-    """The k, v [num_tokens, KVH, D] of each query token's own position: what its step wrote to the pages."""
-    t = jnp.arange(q_len_total := int(cu[-1]))
-    seq = prefill.token_sequences(cu, q_len_total)
-    pos = lens[seq] - (cu[seq + 1] - cu[seq]) + (t - cu[seq])
-    page, off = table[seq, pos // PAGE], pos % PAGE
-    return kp[:, page, off].transpose(1, 0, 2), vp[:, page, off].transpose(1, 0, 2)
-
-
-def routed_fn(mql: int, window: int | None = None, segments: int = prefill.MAX_CUDNN_SEGMENTS):
-    """What the engine runs on GPU for a step with prefills: the first `segments` fresh prompts to cuDNN, the
-    rest to our kernel."""
-    def f(q, kp, vp, table, lens, cu, k, v):
-        paged = lambda sl: gpu.ragged_paged_attention(q, kp, vp, table, sl, cu, max_query_len=mql, scale=SCALE,
-                                                      sliding_window=window, interpret=INTERPRET)
-        dense = functools.partial(prefill.packed_causal_cudnn, max_segments=segments)
-        return prefill.route_fresh_prefills(paged, dense, q, k, v, cu, lens, scale=SCALE, sliding_window=window,
-                                            max_fresh=segments)
-    return jax.jit(f)
-
-
-def check_route(rng) -> list[dict]:
-    """cuDNN's packed call through the route against the f32 reference: fresh prompts mixed with decodes and
-    chunks, with and without a sliding window, a step with no fresh prompt, and a one-sequence step."""
-    results = []
-    for name, chunks, window in [("2 prompts + chunk + 3 decodes", [(100, 100), (1, 300), (37, 37), (64, 200),
-                                                                   (1, 17), (1, 64)], None),
-                                 ("same, window 48", [(100, 100), (1, 300), (37, 37), (64, 200), (1, 17), (1, 64)],
-                                  48),
-                                 ("no fresh prompt", [(1, 300), (64, 200), (1, 5)], None),
-                                 ("one prompt alone", [(333, 333)], None)]:
-        q, kp, vp, table, lens, cu, mql = make_ragged(rng, chunks)
-        kr, vr = (x.transpose(1, 2, 0, 3).astype(jnp.float32) for x in (kp, vp))
-        ref = reference.ragged_paged_attention(q.astype(jnp.float32), kr, vr, table, lens, cu, max_query_len=mql,
-                                               scale=SCALE, sliding_window=window)
-        try:
-            out = routed_fn(mql, window)(q, kp, vp, table, lens, cu, *step_kv(kp, vp, table, lens, cu))
-            err = rel_err(out, ref)
-            finite = bool(np.isfinite(np.asarray(out, np.float32)).all())
-        except Exception as e:
-            err, finite = f"FAILED {str(e)[:300]}", False
-        log(f"  route check {name}: rel err {err} finite {finite}")
-        results.append({"case": name, "rel_err": err, "finite": finite})
-    return results
-
-
-def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None, route: bool = False) -> dict:
+def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None) -> dict:
     q, kp, vp, table, lens, cu, mql = make_ragged(rng, chunks)
     flops = attn_flops(chunks)
     kr, vr = (x.transpose(1, 2, 0, 3).astype(jnp.float32) for x in (kp, vp))
@@ -295,21 +249,6 @@ def bench_ragged(rng, name: str, chunks, quick: bool, cudnn_dense: tuple | None,
         q.astype(jnp.float32), kr, vr, table, lens, cu)
     del kr, vr
     row = {"case": name, "GFLOP": flops / 1e9}
-    if route and not INTERPRET:
-        args = (q, kp, vp, table, lens, cu, *step_kv(kp, vp, table, lens, cu))
-        for segments in sorted({2, prefill.MAX_CUDNN_SEGMENTS, 16, 64}):
-            f = routed_fn(mql, segments=segments)
-            try:
-                err = rel_err(f(*args), ref)
-                t = timed(f, [args])
-            except Exception as e:
-                log(f"  routed segments={segments}: FAILED {str(e)[:300]}")
-                continue
-            row[f"routed_us_seg{segments}"] = t * 1e6
-            if segments == prefill.MAX_CUDNN_SEGMENTS:
-                row.update(routed_us=t * 1e6, routed_TFLOPs=flops / t / 1e12, routed_err=err)
-            log(f"  routed (first {segments} fresh prompts to cuDNN): {t * 1e6:8.1f} us "
-                f"{flops / t / 1e12:6.1f} TFLOP/s err {err:.1e}")
     ours = {}
     configs = ([(None, None, 4, 2, True)] if quick else
                [(None, None, 4, 2, True)] + list(itertools.product([16, 32], [4], [4, 8], [2], [True])))
@@ -349,7 +288,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU check)")
-    parser.add_argument("--skip-decode", action="store_true", help="only the prefill / mixed cases")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     global INTERPRET, ITERS, REPS, ROTATE
@@ -363,30 +301,20 @@ def main() -> None:
     peak = bw.get("torch_copy_TBps", bw["jax_elementwise_TBps"])
     rows = []
     decode_cases = [(4, 128), (1, 256)] if args.smoke else [(64, 2048), (256, 1024), (8, 8192), (1, 4096)]
-    for batch, ctx in ([] if args.skip_decode else decode_cases):
+    for batch, ctx in decode_cases:
         log(f"decode batch={batch} ctx={ctx}")
         rows.append(bench_decode(rng, batch, ctx, args.quick, peak))
-    if not INTERPRET:
-        log("fresh-prefill route (cuDNN) against the reference")
-        route_checks = check_route(rng)
     n = 64 if args.smoke else 2048
     log(f"prefill {n}")
-    rows.append(bench_ragged(rng, f"prefill 1x{n}", [(n, n)], args.quick, (1, n), route=True))
-    fresh_mixed = [(n // 4, n // 4)] * 4 + [(1, n)] * (4 if args.smoke else 60)
-    rows.append(bench_ragged(rng, f"mixed 4 fresh prompts of {n // 4} + {len(fresh_mixed) - 4} decodes@{n}",
-                             fresh_mixed, True, None, route=True))
-    one_fresh = [(n // 2, n // 2)] + [(1, n)] * (4 if args.smoke else 60)
-    rows.append(bench_ragged(rng, f"mixed 1 fresh prompt of {n // 2} + {len(one_fresh) - 1} decodes@{n}",
-                             one_fresh, True, None, route=True))
+    rows.append(bench_ragged(rng, f"prefill 1x{n}", [(n, n)], args.quick, (1, n)))
     mixed = [(n // 4, n)] * 4 + [(1, n)] * (4 if args.smoke else 60)
     log("mixed")
     rows.append(bench_ragged(rng, f"mixed 4x{n // 4} chunks@{n} + {len(mixed) - 4} decodes@{n}", mixed,
-                             args.quick, None, route=True))
+                             args.quick, None))
     rows.append(bench_ragged(rng, "  part: the 4 chunks alone", mixed[:4], True, None))
     rows.append(bench_ragged(rng, "  part: the decodes alone", mixed[4:], True, None))
 
-    result = {"device": dev.device_kind, "jax": jax.__version__, "bandwidth": bw, "rows": rows,
-              "route_checks": None if INTERPRET else route_checks}
+    result = {"device": dev.device_kind, "jax": jax.__version__, "bandwidth": bw, "rows": rows}
     with open(os.path.join(args.out, "attention_h100.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     log("\n=== summary (median of %d x %d calls) ===" % (REPS, ITERS))
@@ -400,8 +328,7 @@ def main() -> None:
                 f"| ours(default knobs) {r.get('ours_default_us', float('nan')):7.1f} us")
         else:
             log(f"{r['case']:44s} ours {r['ours_us']:8.1f} us {r['ours_TFLOPs']:6.1f} TFLOP/s cfg {r['ours_cfg']}"
-                + (f" | cudnn {r['cudnn_us']:.1f} us {r['cudnn_TFLOPs']:.1f} TFLOP/s" if "cudnn_us" in r else "")
-                + (f" | routed {r['routed_us']:.1f} us {r['routed_TFLOPs']:.1f} TFLOP/s" if "routed_us" in r else ""))
+                + (f" | cudnn {r['cudnn_us']:.1f} us {r['cudnn_TFLOPs']:.1f} TFLOP/s" if "cudnn_us" in r else ""))
 
 
 if __name__ == "__main__":

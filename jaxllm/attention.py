@@ -12,9 +12,6 @@ implementation runs, and so which KV page layout is allocated, is decided here o
     pallas-tpu            the Pallas TPU kernel (Mosaic, tpu.py)          as pallas-gpu
     pallas-interpret      the GPU kernel in Pallas interpret mode (CPU)   as pallas-gpu
     pallas-tpu-interpret  the TPU kernel in the TPU interpreter (CPU)     as pallas-gpu
-
-On pallas-gpu, steps with prefills send the fresh ones (a whole prompt in one chunk) to cuDNN's flash
-attention, measured 1.8x faster than the kernel on them (pallas_kernels/paged_attention/prefill.py).
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.paged_attention import gpu, prefill, reference, tpu, xla
+from pallas_kernels.paged_attention import gpu, reference, tpu, xla
 
 BACKENDS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "pallas-interpret", "pallas-tpu-interpret")
 _PLATFORM_KERNEL = {"gpu": "pallas-gpu", "tpu": "pallas-tpu", "cpu": "pallas-interpret"}
@@ -133,15 +130,7 @@ def _paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KVPages, md: 
         impl = tpu if backend.startswith("pallas-tpu") else gpu
         write, extra = gpu.write_kv, {"interpret": backend.endswith("interpret")}
     k_pages, v_pages = write(kv.k, kv.v, k, v, md.slot_mapping)
-
-    def paged(seq_lens: jax.Array) -> jax.Array:
-        return impl.ragged_paged_attention(q, k_pages, v_pages, md.block_tables, seq_lens, md.query_start_loc,
-                                           max_query_len=md.max_query_len, scale=scale,
-                                           sliding_window=sliding_window, soft_cap=soft_cap, **extra)
-
-    fresh = prefill.fresh_prefill_impl(backend, q.dtype, q.shape[-1], soft_cap) if md.max_query_len > 1 else None
-    if fresh is None:
-        return paged(md.seq_lens), KVPages(k_pages, v_pages)
-    out = prefill.route_fresh_prefills(paged, fresh, q, k, v, md.query_start_loc, md.seq_lens, scale=scale,
-                                       sliding_window=sliding_window)
+    out = impl.ragged_paged_attention(q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
+                                      max_query_len=md.max_query_len, scale=scale, sliding_window=sliding_window,
+                                      soft_cap=soft_cap, **extra)
     return out, KVPages(k_pages, v_pages)
