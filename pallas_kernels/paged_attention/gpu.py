@@ -17,6 +17,11 @@ Measured choices (benchmarks/RESULTS.md): decode loads each page of a block as i
 block by 13-15% at batch 64-256; prefill tiles keep the gather. The body uses only what the Triton
 lowering accepts (power-of-two loads, >= 16-row dots, no scalar prefetch), so a Mosaic GPU
 (`plgpu.kernel`) body can replace `_kernel` behind the same wrapper.
+
+This kernel serves every step, prefills included, by measurement: cuDNN's flash attention is 1.9x faster on
+a lone dense prompt (106 vs 204 us at 2048 tokens), but merged into ragged steps (fresh prompts to cuDNN's
+packed layout, the rest here) it made every mixed step 1.3-2.8x slower than this kernel alone, and a step
+that is one whole prompt only gained 204 -> 149 us (benchmarks/RESULTS.md; experiment at commit ac0fb0b).
 """
 
 from __future__ import annotations

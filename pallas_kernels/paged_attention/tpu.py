@@ -9,7 +9,9 @@ gathered in XLA into tile-major blocks [num_tiles, num_heads, block_q, head_dim]
 need block-aligned offsets) can stream them; outputs come back the same way and are scattered to tokens.
 Block tables, lengths and tile metadata are scalar-prefetched into SMEM; each block of `pages_per_block`
 pages is copied HBM -> VMEM with async copies, double-buffered: block b + 1 is in flight while block b is
-computed. Not yet measured on a TPU (none has been available): tested in TPU interpret mode and by
+computed. No split-K (flash-decoding) here: a TensorCore runs grid steps one after another, so splitting a
+sequence's KV range adds no parallelism on one-core chips (v5e, v6e); on two-core chips (v4, v5p) the cores
+share the (tile, head) grid through its "parallel" dimensions. Not yet measured on a TPU (none has been available): tested in TPU interpret mode and by
 lowering for TPU on a CPU.
 """
 
