@@ -1,4 +1,4 @@
-"""The `jaxllm` command: generate, chat, serve, convert."""
+"""The `jaxllm` command: generate, chat, serve, bench, convert."""
 
 from __future__ import annotations
 
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.set_defaults(func=_serve)
+
+    from jaxllm import bench
+
+    bench.add_parser(sub, _add_model_args)
 
     v = sub.add_parser("convert", help="write a model as a jaxllm (Orbax) checkpoint that loads faster")
     v.add_argument("src", help="HF directory, GGUF file or hub id ('default' for the embedded model)")

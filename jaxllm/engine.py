@@ -100,12 +100,12 @@ class LLMEngine:
 
     def __init__(self, model: str | Path | None = None, *, tokenizer: str | Path | None = None,
                  dtype: Any = "auto", revision: str | None = None, gpu_memory_utilization: float | None = None,
-                 **engine_kwargs: Any) -> None:
+                 load_format: str = "auto", **engine_kwargs: Any) -> None:
         if gpu_memory_utilization is not None:
             engine_kwargs["memory_utilization"] = gpu_memory_utilization
         self.config = EngineConfig(**engine_kwargs)
         enable_compilation_cache()
-        self.model = load_model(model, dtype=dtype, tokenizer=tokenizer, revision=revision,
+        self.model = load_model(model, dtype=dtype, tokenizer=tokenizer, revision=revision, load_format=load_format,
                                 attention_backend=self.config.attention_backend,
                                 mesh=make_mesh(self.config.tensor_parallel_size))
         self.tokenizer = self.model.tokenizer
@@ -381,7 +381,8 @@ class LLM:
     SmolLM2-135M-Instruct. dtype: "auto" (checkpoint dtype on GPU/TPU, float32 on CPU), "bfloat16",
     "float32" or "float16". Engine knobs (EngineConfig: max_model_len, page_size, num_kv_pages,
     memory_utilization / gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
-    enable_prefix_caching, tensor_parallel_size, seed, attention_backend, ...) are keyword arguments.
+    enable_prefix_caching, tensor_parallel_size, seed, attention_backend, ...) are keyword arguments;
+    load_format="dummy" (vLLM's) makes random weights from the config alone, for benchmarks.
     """
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:

@@ -22,6 +22,25 @@ def load_hf_tokenizer(path: str | Path) -> Tokenizer:
                              "tokenizer.json>") from e
 
 
+def has_hf_tokenizer(path: str | Path) -> bool:
+    """Whether a directory holds a tokenizer AutoTokenizer can load without a download."""
+    p = Path(path)
+    return p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                            "tokenizer.model", "vocab.json"))
+
+
+def synthetic_tokenizer(vocab_size: int, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+    """A word-level tokenizer whose token i is "<i>": gives a random-weight benchmark model (load_format
+    "dummy") the vocabulary size and the detokenization work of a real one, without its files."""
+    from tokenizers import Tokenizer as RustTokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    eos = eos_token_ids[0] if eos_token_ids and eos_token_ids[0] < vocab_size else vocab_size - 1
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    tok = RustTokenizer(models.WordLevel(vocab, unk_token=f"<{eos}>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"<{eos}>", unk_token=f"<{eos}>")
+
+
 def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
     """EOS ids from generation_config.json (often more than config.json lists, e.g. Llama 3's <|eot_id|>)."""
     path = model_dir / "generation_config.json"

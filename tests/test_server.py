@@ -344,3 +344,26 @@ def test_tokenize_detokenize_version(server, tiny_tokenizer):
     bad = httpx.post(base + "/detokenize", json={"tokens": [10 ** 6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert httpx.get(base + "/version").json()["version"]
+
+
+def test_bench_serve_against_the_server(server):
+    """`jaxllm bench serve` (its client and metrics) over loopback: every request completes with every token
+    asked for; the latency figures are consistent with each other (smoke test, nothing timed is asserted)."""
+    import argparse
+
+    from jaxllm import bench
+    from tests.tiny_models import VOCAB
+
+    args = argparse.Namespace(base_url=server[0], model=None, api_key=KEY, vocab_size=VOCAB, num_prompts=10,
+                              dataset_name="random", input_len=8, output_len=6, seed=0, request_rate=50.0,
+                              max_concurrency=4, save_result=None)
+    result = asyncio.run(bench._serve_async(args))
+    assert (result["completed"], result["failed"]) == (10, 0), result["errors"]
+    assert result["output_throughput"] * result["elapsed_s"] == pytest.approx(60)
+    assert 0 < result["ttft_ms"]["median"] <= result["e2el_ms"]["median"] and result["tpot_ms"]["mean"] > 0
+    args.api_key = None
+    with pytest.raises(ValueError, match="HTTP 401.*--api-key"):
+        asyncio.run(bench._serve_async(args))
+    args.base_url = "http://127.0.0.1:9"
+    with pytest.raises(ValueError, match="cannot reach a server"):
+        asyncio.run(bench._serve_async(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -23,15 +24,31 @@ def build_model(config: ModelConfig, dtype, backend: str = "reference") -> Causa
     return FAMILIES[config.family](config, dtype=dtype, backend=backend)
 
 
-def abstract_params(module: CausalLM) -> dict:
-    """The parameter tree of `module` as shapes/dtypes with logical axis names (boxed), computing nothing."""
+def _init_inputs(module: CausalLM) -> tuple:
+    """Shapes of a one-token step, enough for `module.init` to create every parameter."""
     c = module.config
     one = jax.ShapeDtypeStruct((1,), jnp.int32)
     page = jax.ShapeDtypeStruct(kv_pages_shape(module.backend, 1, 1, c.num_kv_heads, c.head_dim), module.dtype)
     md = AttentionMetadata(slot_mapping=one, block_tables=jax.ShapeDtypeStruct((1, 1), jnp.int32), seq_lens=one,
                            query_start_loc=jax.ShapeDtypeStruct((2,), jnp.int32), max_query_len=1)
-    kv = [KVPages(page, page)] * c.num_layers
-    return jax.eval_shape(module.init, jax.random.key(0), one, one, kv, md)["params"]
+    return one, one, [KVPages(page, page)] * c.num_layers, md
 
 
-__all__ = ["abstract_params", "build_model", "CausalLM", "FAMILIES"]
+def abstract_params(module: CausalLM) -> dict:
+    """The parameter tree of `module` as shapes/dtypes with logical axis names (boxed), computing nothing."""
+    return jax.eval_shape(module.init, jax.random.key(0), *_init_inputs(module))["params"]
+
+
+def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
+    """Random weights (the modules' initialisers) created directly on the devices, sharded like loaded ones:
+    vLLM's load_format="dummy", for timing a model without its checkpoint. The text it writes is noise."""
+    inputs = _init_inputs(module)
+
+    def init(key):
+        concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
+        return nn.unbox(module.init(key, *concrete)["params"])
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+__all__ = ["abstract_params", "build_model", "dummy_params", "CausalLM", "FAMILIES"]

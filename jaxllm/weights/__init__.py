@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,16 @@ from jax.sharding import Mesh
 
 from jaxllm.attention import resolve_backend
 from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype, resolve_dtype
-from jaxllm.models import CausalLM, abstract_params, build_model
+from jaxllm.models import CausalLM, abstract_params, build_model, dummy_params
 from jaxllm.sharding import check_tensor_parallel, make_mesh, param_shardings
-from jaxllm.tokenizer import generation_eos_ids, load_hf_tokenizer
+from jaxllm.tokenizer import generation_eos_ids, has_hf_tokenizer, load_hf_tokenizer, synthetic_tokenizer
 from jaxllm.weights.checkpoint import read_marker, restore_params, save_checkpoint
 from jaxllm.weights.gguf import GGUFModel
 from jaxllm.weights.hub import ModelSource, resolve_model
 from jaxllm.weights.mapping import ParamTreeBuilder
 from jaxllm.weights.safetensors import iter_safetensors
+
+logger = logging.getLogger("jaxllm")
 
 
 @dataclasses.dataclass
@@ -42,11 +45,21 @@ class LoadedModel:
         return self.module.dtype
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenizer: str | Path | None = None,
-               mesh: Mesh | None = None, revision: str | None = None, attention_backend: str = "auto"
-               ) -> LoadedModel:
-    """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`."""
+               mesh: Mesh | None = None, revision: str | None = None, attention_backend: str = "auto",
+               load_format: str = "auto") -> LoadedModel:
+    """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`.
+
+    load_format "dummy" reads only the config (a directory with just config.json will do) and makes random
+    weights on the devices, for benchmarks; without a tokenizer there it gets a synthetic one of the
+    model's vocabulary size.
+    """
     check_dtype(dtype)
+    if load_format not in LOAD_FORMATS:
+        raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     source = resolve_model(model, revision)
     mesh = mesh or make_mesh()
     platform = mesh.devices.flat[0].platform
@@ -68,7 +81,9 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     module = build_model(config, resolve_dtype(dtype, config, platform), resolve_backend(attention_backend, platform))
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
-    if source.kind == "jaxllm":
+    if load_format == "dummy":
+        params = dummy_params(module, shardings)
+    elif source.kind == "jaxllm":
         params = restore_params(source.path, nn.unbox(abstract), shardings)
     else:
         builder = ParamTreeBuilder(config, abstract, shardings, module.dtype, str(source.path))
@@ -82,6 +97,10 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         tok = load_hf_tokenizer(tokenizer)
     elif gguf is not None:
         tok = gguf.tokenizer()
+    elif load_format == "dummy" and not has_hf_tokenizer(source.path):
+        logger.warning("%s has no tokenizer: using a synthetic one of %d tokens (load_format='dummy')",
+                       source.path, config.vocab_size)
+        tok = synthetic_tokenizer(config.vocab_size, config.eos_token_ids)
     else:
         tok = load_hf_tokenizer(source.path)
     return LoadedModel(config, module, params, tok, source, mesh)
