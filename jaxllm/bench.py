@@ -46,20 +46,25 @@ def make_requests(name: str, num: int, input_len: int, output_len: int, vocab_si
 
 
 def device_bandwidth() -> float:
-    """Bytes read + written per second by a large elementwise op on the default device (median of 10)."""
+    """Bytes read + written per second by a 2 GiB elementwise op on the default device: median over 5 samples
+    of 10 back-to-back calls (so launch and sync costs are not counted as memory time)."""
     import jax
     import jax.numpy as jnp
 
-    n = (1 << 30) if jax.devices()[0].platform != "cpu" else (1 << 25)
+    n = (1 << 30) if jax.devices()[0].platform != "cpu" else (1 << 24)
     x = jnp.ones((n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
+    f = jax.jit(lambda a: a + 1, donate_argnums=0)  # in place: one 2 GiB buffer, read and written
+    x = f(x).block_until_ready()
+    samples = []
+    for _ in range(5):
         t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * x.nbytes / statistics.median(times)
+        for _ in range(10):
+            x = f(x)
+        x.block_until_ready()
+        samples.append((time.perf_counter() - t) / 10)
+    nbytes = x.nbytes
+    del x
+    return 2 * nbytes / statistics.median(samples)
 
 
 def _llm(args: argparse.Namespace, **knobs: Any) -> Any:
@@ -89,6 +94,7 @@ def _save(args: argparse.Namespace, result: dict) -> None:
 def latency(args: argparse.Namespace) -> dict:
     from jaxllm import SamplingParams
 
+    bw = device_bandwidth()  # before the KV pool takes the memory
     llm = _llm(args, max_num_seqs=max(args.batch_size, 1))
     cfg, dtype_bytes = llm.model.config, np.dtype(llm.model.dtype).itemsize
     reqs = make_requests("random", args.batch_size, args.input_len, args.output_len, cfg.vocab_size)
@@ -105,7 +111,6 @@ def latency(args: argparse.Namespace) -> dict:
     prefill = [run(1) for _ in range(args.num_iters)]
     lat, pre = statistics.median(whole), statistics.median(prefill)
     per_token = (lat - pre) / max(args.output_len - 1, 1)
-    bw = device_bandwidth()
     import jax
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.model.params))
