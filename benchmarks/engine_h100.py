@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -23,6 +24,8 @@ import time
 
 import jax
 import numpy as np
+
+logging.getLogger("jaxllm").setLevel(logging.INFO)
 
 from benchmarks.attention_profile import device_events
 from jaxllm import LLM, SamplingParams, bench
@@ -114,14 +117,15 @@ def main() -> int:
 
     # Profiles: steady decode at 64 sequences; prefill steps of 2048 tokens.
     greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    dec = [{"prompt_token_ids": rng.integers(16, cfg.vocab_size - 16, 128).tolist()} for _ in range(64)]
-    res["profile_decode_64"] = profile_steps(
-        llm, dec, greedy, lambda e: len(e.scheduler.running) == 64 and not e.scheduler.waiting
-        and all(s.num_computed_tokens > s.num_prompt_tokens for s in e.scheduler.running), 20, args.out)
+    for n in sorted({64, args.max_num_seqs}):
+        dec = [{"prompt_token_ids": rng.integers(16, cfg.vocab_size - 16, 128).tolist()} for _ in range(n)]
+        res[f"profile_decode_{n}"] = profile_steps(
+            llm, dec, greedy, lambda e, n=n: len(e.scheduler.running) == n and not e.scheduler.waiting
+            and all(s.num_computed_tokens > s.num_prompt_tokens for s in e.scheduler.running), 20, args.out)
     pre_reqs = [{"prompt_token_ids": rng.integers(16, cfg.vocab_size - 16, 512).tolist()} for _ in range(32)]
     res["profile_prefill_2048"] = profile_steps(llm, pre_reqs, SamplingParams(max_tokens=1, ignore_eos=True),
                                                 lambda e: True, 6, args.out)
-    for k in ("profile_decode_64", "profile_prefill_2048"):
+    for k in [k for k in res if k.startswith("profile_")]:
         print(k, res[k], flush=True)
 
     # Offline throughput.

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence as Seq
 
+import jax
+
 from jaxllm.config import EngineConfig, enable_compilation_cache
 from jaxllm.detokenizer import IncrementalDetokenizer
 from jaxllm.kv_cache import KVCacheManager
@@ -105,11 +107,16 @@ class LLMEngine:
             engine_kwargs["memory_utilization"] = gpu_memory_utilization
         self.config = EngineConfig(**engine_kwargs)
         enable_compilation_cache()
+        t0 = time.monotonic()
         self.model = load_model(model, dtype=dtype, tokenizer=tokenizer, revision=revision, load_format=load_format,
                                 attention_backend=self.config.attention_backend,
                                 mesh=make_mesh(self.config.tensor_parallel_size))
         self.tokenizer = self.model.tokenizer
+        t1 = time.monotonic()
         self.runner = ModelRunner(self.model, self.config)
+        logger.info("model loaded in %.1f s (%.2f GB of weights); KV pool of %d pages allocated in %.1f s", t1 - t0,
+                    sum(x.nbytes for x in jax.tree.leaves(self.model.params)) / 1e9, self.runner.num_pages,
+                    time.monotonic() - t1)
         self.kv = KVCacheManager(self.runner.num_pages, self.runner.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
         self.requests: dict[str, _Request] = {}

@@ -334,3 +334,22 @@ def test_priority_scheduling_admits_lower_values_first(tiny_model):
     while engine.has_unfinished_requests():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["b", "d", "c", "a"]
+
+
+def test_decode_rows_wider_than_max_num_seqs(tiny_model, monkeypatch):
+    """Accelerators pad decode steps to >= 8 rows even when max_num_seqs is smaller (8 rows ran faster than 1
+    on the H100): forced here on CPU with max_num_seqs=2, sampled and greedy outputs are unchanged."""
+    from jaxllm import runner as runner_mod
+
+    path, hf = tiny_model("llama2")
+    knobs = dict(dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=2, max_num_batched_tokens=32,
+                 warmup=False)
+    batch = [{"prompt_token_ids": p} for p in mixed_prompts(5, seed=4)]
+    params = [GREEDY, SamplingParams(temperature=0.9, top_k=20, max_tokens=10, seed=3)] * 2 + [GREEDY]
+    narrow = LLM(str(path), **knobs).generate(batch, params, use_tqdm=False)
+    monkeypatch.setitem(runner_mod.MIN_DECODE_ROWS, "cpu", 8)
+    llm = LLM(str(path), **knobs)
+    assert llm.llm_engine.runner.decode_buckets == [8] and llm.llm_engine.runner.all_buckets()[0] == (8, 8, 1)
+    wide = llm.generate(batch, params, use_tqdm=False)
+    assert ids(wide) == ids(narrow)
+    assert ids(wide)[0] == hf_greedy(hf, batch[0]["prompt_token_ids"], 12)

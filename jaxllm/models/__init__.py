@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,15 +42,25 @@ def abstract_params(module: CausalLM) -> dict:
 
 
 def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
-    """Random weights (the modules' initialisers) created directly on the devices, sharded like loaded ones:
-    vLLM's load_format="dummy", for timing a model without its checkpoint. The text it writes is noise."""
-    inputs = _init_inputs(module)
+    """Random weights made directly on the devices, sharded like loaded ones: vLLM's load_format="dummy",
+    for timing a model without its checkpoint (the text it writes is noise). Normal(0, 0.02) weights, unit
+    norm scales; one small compiled generator per distinct shape, not the model's init program."""
+    abstract = nn.unbox(abstract_params(module))
+    makers: dict = {}
+    counter = itertools.count()
 
-    def init(key):
-        concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
-        return nn.unbox(module.init(key, *concrete)["params"])
+    def make(path, leaf, sharding):
+        norm = any("norm" in str(getattr(k, "key", "")) for k in path)
+        key = (leaf.shape, leaf.dtype, sharding, norm)
+        if key not in makers:
+            def fill(k, shape=leaf.shape, dtype=leaf.dtype):
+                if norm:
+                    return jnp.ones(shape, dtype)
+                return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+            makers[key] = jax.jit(fill, out_shardings=sharding)
+        return makers[key](jax.random.fold_in(jax.random.key(seed), next(counter)))
 
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return jax.tree_util.tree_map_with_path(make, abstract, shardings)
 
 
 __all__ = ["abstract_params", "build_model", "dummy_params", "CausalLM", "FAMILIES"]
