@@ -257,22 +257,28 @@ class LLMEngine:
         prev_rows_of = self._inflight.rows if self._inflight is not None else {}
         inputs, sample_rows, row_params, targets, prev_rows = [], [], [], [], []
         use_sampler = want_plp = False
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            ids = seq.token_ids[start:start + n]
-            inputs.append(SeqInput([max(t, 0) for t in ids], start, seq.block_table))
-            prev_rows += [prev_rows_of[seq.seq_id] if t == PLACEHOLDER else -1 for t in ids]
-            samples = start + n == seq.num_tokens
-            sample_rows.append(samples)
-            row_params.append((seq.params, seq.seed, seq.num_output_tokens, seq.slot,
-                               seq.num_output_tokens < seq.params.min_tokens))
-            use_sampler |= samples and _needs_sampler(seq.params)
-            if seq.params.prompt_logprobs is not None and start + 1 < seq.num_prompt_tokens:
-                want_plp = True
-                targets.append([seq.token_ids[p + 1] if p + 1 < seq.num_prompt_tokens else 0
-                                for p in range(start, start + n)])
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):  # every sequence, every step: keep it lean
+            start, p = seq.num_computed_tokens, seq.params
+            if n == 1:
+                t = seq.token_ids[start]
+                inputs.append(SeqInput([t if t >= 0 else 0], start, seq.block_table))
+                prev_rows.append(prev_rows_of[seq.seq_id] if t == PLACEHOLDER else -1)
             else:
-                targets.append([0] * n)
+                ids = seq.token_ids[start:start + n]
+                inputs.append(SeqInput([t if t >= 0 else 0 for t in ids], start, seq.block_table))
+                prev_rows += [prev_rows_of[seq.seq_id] if t == PLACEHOLDER else -1 for t in ids]
+            samples = start + n == len(seq.token_ids)
+            sample_rows.append(samples)
+            num_out = len(seq.token_ids) - seq.num_prompt_tokens
+            row_params.append((p, seq.seed, num_out, seq.slot, num_out < p.min_tokens))
+            if samples and not use_sampler:
+                use_sampler = _needs_sampler(p)
+            if p.prompt_logprobs is not None and start + 1 < seq.num_prompt_tokens:
+                want_plp = True
+                targets.append([seq.token_ids[i + 1] if i + 1 < seq.num_prompt_tokens else 0
+                                for i in range(start, start + n)])
+            else:
+                targets.append(n)  # n tokens without prompt-logprob targets
         handle = self.runner.launch(inputs, sample_rows, row_params, targets, use_sampler, want_plp, prev_rows)
         now = time.monotonic()
         for seq in batch.admitted:
@@ -316,6 +322,8 @@ class LLMEngine:
                 for s in request.seqs:
                     self.finished_reasons[s.finish_reason] = self.finished_reasons.get(s.finish_reason, 0) + 1
                 del self.requests[request.request_id]
+            elif request.params.output_kind == "final_only":
+                continue
             outputs.append(request.output())
         return outputs
 
@@ -425,6 +433,8 @@ class LLM:
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
         engine = self.llm_engine
         ids = []
+        # Only the finished outputs are returned: the engine skips building the others every step.
+        params_list = [dataclasses.replace(p, output_kind="final_only") for p in params_list]
         try:
             for prompt, params in zip(prompts, params_list):
                 ids.append(engine.add_request(None, prompt, params))

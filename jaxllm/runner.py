@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -130,33 +131,37 @@ def prepare_batch(seqs: list[SeqInput], page_size: int, num_pages: int, max_page
     Without explicit sizes, T, S and the query bound are powers of two and the block table as wide as
     the longest sequence needs (for callers that run the model directly, e.g. tests).
     """
-    total = sum(len(s.token_ids) for s in seqs)
-    longest = max(s.num_computed_tokens + len(s.token_ids) for s in seqs)
+    n_seq = len(seqs)
+    q_lens = np.fromiter((len(s.token_ids) for s in seqs), np.int32, n_seq)
+    starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, n_seq)
+    total = int(q_lens.sum())
+    longest = int((starts + q_lens).max())
     t_pad = num_tokens or bucket(total, 8)
-    s_pad = num_seqs or bucket(len(seqs), 1)
-    max_q = max_query_len or bucket(max(len(s.token_ids) for s in seqs), 1)
+    s_pad = num_seqs or bucket(n_seq, 1)
+    max_q = max_query_len or bucket(int(q_lens.max()), 1)
     p_pad = max_pages_per_seq if num_tokens else min(bucket(math.ceil(longest / page_size), 8), max_pages_per_seq)
-    input_ids = np.zeros(t_pad, np.int32)
-    positions = np.zeros(t_pad, np.int32)
-    slot_mapping = np.full(t_pad, num_pages * page_size, np.int32)
-    block_tables = np.zeros((s_pad, p_pad), np.int32)
-    seq_lens = np.zeros(s_pad, np.int32)
+    # One pass of C-level fills (no per-sequence numpy calls): this runs every step for every sequence.
     query_start_loc = np.zeros(s_pad + 1, np.int32)
+    np.cumsum(q_lens, out=query_start_loc[1:n_seq + 1])
+    query_start_loc[n_seq + 1:] = total
+    seq_of_token = np.repeat(np.arange(n_seq, dtype=np.int32), q_lens)  # [total]
+    pos = starts[seq_of_token] + np.arange(total, dtype=np.int32) - query_start_loc[seq_of_token]
+    block_tables = np.zeros((s_pad, p_pad), np.int32)
+    t_lens = np.fromiter((min(len(s.block_table), p_pad) for s in seqs), np.int32, n_seq)
+    flat = np.fromiter(itertools.chain.from_iterable(s.block_table[:p_pad] for s in seqs), np.int32,
+                       int(t_lens.sum()))
+    rows = np.repeat(np.arange(n_seq, dtype=np.int32), t_lens)
+    block_tables[rows, np.arange(flat.size) - np.repeat(np.cumsum(t_lens) - t_lens, t_lens)] = flat
+    input_ids = np.zeros(t_pad, np.int32)
+    input_ids[:total] = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int32, total)
+    positions = np.zeros(t_pad, np.int32)
+    positions[:total] = pos
+    slot_mapping = np.full(t_pad, num_pages * page_size, np.int32)
+    slot_mapping[:total] = block_tables[seq_of_token, pos // page_size] * page_size + pos % page_size
+    seq_lens = np.zeros(s_pad, np.int32)
+    seq_lens[:n_seq] = starts + q_lens
     logits_indices = np.zeros(s_pad, np.int32)
-    t = 0
-    for i, s in enumerate(seqs):
-        n, start = len(s.token_ids), s.num_computed_tokens
-        pos = np.arange(start, start + n)
-        table = np.asarray(s.block_table, np.int32)
-        input_ids[t:t + n] = s.token_ids
-        positions[t:t + n] = pos
-        slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
-        block_tables[i, :len(table)] = table[:p_pad]
-        seq_lens[i] = start + n
-        t += n
-        query_start_loc[i + 1] = t
-        logits_indices[i] = t - 1
-    query_start_loc[len(seqs) + 1:] = t
+    logits_indices[:n_seq] = query_start_loc[1:n_seq + 1] - 1
     md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
                            query_start_loc=query_start_loc, max_query_len=max_q)
     return input_ids, positions, md, logits_indices
@@ -300,7 +305,7 @@ class ModelRunner:
             progress(f"compiled {len(keys)} step shapes in {time.perf_counter() - t0:.1f} s")
 
     def _pack(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple], key: tuple[int, int, int],
-              prompt_targets: list[list[int]], prev_rows: list[int] | None = None) -> tuple:
+              prompt_targets: list[list[int] | int], prev_rows: list[int] | None = None) -> tuple:
         """The step's inputs as two packed buffers: the model's (StepInputs) and the sampler's."""
         num_tokens, num_seqs, max_q = key
         if seqs:
@@ -314,8 +319,9 @@ class ModelRunner:
         mask = np.zeros(num_seqs, bool)
         mask[:len(sample_rows)] = sample_rows
         targets = np.zeros(num_tokens, np.int32)
-        flat = [t for row in prompt_targets for t in row]
-        targets[:len(flat)] = flat
+        if any(not isinstance(row, int) for row in prompt_targets):  # an int row: that many tokens, no targets
+            flat = [t for row in prompt_targets for t in ([0] * row if isinstance(row, int) else row)]
+            targets[:len(flat)] = flat
         prev = np.full(num_tokens, -1, np.int32)
         if prev_rows:
             prev[:len(prev_rows)] = prev_rows
@@ -326,18 +332,19 @@ class ModelRunner:
         return pack(x), pack((st, mask))
 
     def launch(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple],
-               prompt_targets: list[list[int]], use_sampler: bool, want_prompt_logprobs: bool,
+               prompt_targets: list[list[int] | int], use_sampler: bool, want_prompt_logprobs: bool,
                prev_rows: list[int]) -> tuple:
         """Start one step on the device and return without waiting (fetch() waits).
 
         row_params[i] = (SamplingParams, seed, step, slot, ban_stop) of sequence i; prompt_targets[i] the next
-        prompt token after each fed token of sequence i (0 where none); prev_rows[t] the row of the previous
-        step that samples fed token t (-1: take it from the SeqInput)."""
+        prompt token after each fed token of sequence i (or just its token count: no targets); prev_rows[t]
+        the row of the previous step that samples fed token t (-1: take it from the SeqInput)."""
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
         num_tokens = sum(len(s.token_ids) for s in seqs)
         key = self.bucket_for(num_tokens, len(seqs), decode_only)
         inputs = self._pack(seqs, sample_rows, row_params, key, prompt_targets, prev_rows)
-        sort = any(p.top_k not in (0, -1, 1) or p.top_p < 1.0 for (p, *_), s in zip(row_params, sample_rows) if s)
+        sort = use_sampler and any(p.top_k not in (0, -1, 1) or p.top_p < 1.0
+                                   for (p, *_), s in zip(row_params, sample_rows) if s)
         mode = "sample-sort" if use_sampler and sort else "sample" if use_sampler else "greedy"
         out, plp = self._run_step(key, inputs, mode, want_prompt_logprobs)
         return out, plp, self._output_layouts(key), len(seqs), num_tokens
