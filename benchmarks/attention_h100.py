@@ -51,22 +51,12 @@ def timed(fn, args_list, table_arg: int | None = None) -> float:
     back-to-back dispatches of ITERS calls (fine when a call takes far longer than its dispatch).
     """
     if table_arg is not None:
-        tables = jnp.stack([a[table_arg] for a in args_list])
-        base = list(args_list[0])
-
-        @jax.jit
-        def many(tables, *rest):
-            def body(c, tb):
-                args = rest[:table_arg] + (tb,) + rest[table_arg:]
-                return c + fn(*args).reshape(-1)[0].astype(jnp.float32), None
-            return jax.lax.scan(body, jnp.float32(0), tables)[0]
-
-        rest = tuple(base[:table_arg] + base[table_arg + 1:])
-        jax.block_until_ready(many(tables, *rest))
+        run = scan_loop(fn, args_list, table_arg)
+        jax.block_until_ready(run())
         samples = []
         for _ in range(REPS):
             t0 = time.perf_counter()
-            jax.block_until_ready(many(tables, *rest))
+            jax.block_until_ready(run())
             samples.append((time.perf_counter() - t0) / len(args_list))
         return statistics.median(samples)
     for args in args_list[:2]:
@@ -80,6 +70,23 @@ def timed(fn, args_list, table_arg: int | None = None) -> float:
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / ITERS)
     return statistics.median(samples)
+
+
+def scan_loop(fn, args_list, table_arg: int):
+    """A zero-argument callable running fn once per args_list entry inside one jitted scan; the entries
+    differ only in argument `table_arg` (the block table), so each call reads a different set of pages."""
+    tables = jnp.stack([a[table_arg] for a in args_list])
+    base = list(args_list[0])
+    rest = tuple(base[:table_arg] + base[table_arg + 1:])
+
+    @jax.jit
+    def many(tables, *rest):
+        def body(c, tb):
+            args = rest[:table_arg] + (tb,) + rest[table_arg:]
+            return c + fn(*args).reshape(-1)[0].astype(jnp.float32), None
+        return jax.lax.scan(body, jnp.float32(0), tables)[0]
+
+    return lambda: many(tables, *rest)
 
 
 def hbm_bandwidth() -> dict:

@@ -46,22 +46,6 @@ def device_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
-def scan_loop(fn, args_list, table_arg: int):
-    """The timing loop of attention_h100.timed: one jitted scan over the block tables."""
-    tables = jnp.stack([a[table_arg] for a in args_list])
-    base = list(args_list[0])
-    rest = tuple(base[:table_arg] + base[table_arg + 1:])
-
-    @jax.jit
-    def many(tables, *rest):
-        def body(c, tb):
-            args = rest[:table_arg] + (tb,) + rest[table_arg:]
-            return c + fn(*args).reshape(-1)[0].astype(jnp.float32), None
-        return jax.lax.scan(body, jnp.float32(0), tables)[0]
-
-    return lambda: many(tables, *rest)
-
-
 def profile(name: str, run, calls: int, reps: int, out: str) -> dict:
     jax.block_until_ready(run())
     walls = []
@@ -107,17 +91,16 @@ def main() -> int:
         lens = jnp.full((batch,), ctx, jnp.int32)
         cu = jnp.arange(batch + 1, dtype=jnp.int32)
         ours = functools.partial(gpu.ragged_paged_attention, max_query_len=1, scale=bench.SCALE)
-        rows.append(profile(f"ours b={batch} ctx={ctx}", scan_loop(ours, [(q, kp, vp, tb, lens, cu) for tb in tables],
-                                                                    3), len(tables), 10, args.out))
+        loop = bench.scan_loop(ours, [(q, kp, vp, tb, lens, cu) for tb in tables], 3)
+        rows.append(profile(f"ours b={batch} ctx={ctx}", loop, len(tables), 10, args.out))
         kernel_us = rows[-1]["top"][0][2]
         print(f"    -> the attention kernel alone: {kv_bytes / kernel_us / 1e6:.2f} TB/s of KV "
               f"({kv_bytes / kernel_us / 1e6 / peak:.0%} of the copy); whole call on the device: "
               f"{kv_bytes / rows[-1]['busy_us'] / 1e6 / peak:.0%}", flush=True)
         rows[-1].update(kernel_TBps=kv_bytes / kernel_us / 1e6, copy_TBps=peak)
         jax_old = functools.partial(old.paged_attention, pages_per_compute_block=old_cfg[0], k_splits=old_cfg[1])
-        rows.append(profile(f"jax-old b={batch} ctx={ctx} ppcb,k_splits={old_cfg}",
-                            scan_loop(lambda q, *a: jax_old(q * bench.SCALE, *a),
-                                      [(q, kp, vp, tb, lens) for tb in tables], 3), len(tables), 10, args.out))
+        loop = bench.scan_loop(lambda q, *a: jax_old(q * bench.SCALE, *a), [(q, kp, vp, tb, lens) for tb in tables], 3)
+        rows.append(profile(f"jax-old b={batch} ctx={ctx} ppcb,k_splits={old_cfg}", loop, len(tables), 10, args.out))
         # The same calls dispatched one by one (no loop on the device), for the loop's own cost.
         f = jax.jit(ours)
         rows.append(profile(f"ours b={batch} ctx={ctx}, dispatched", lambda: [f(q, kp, vp, tb, lens, cu)

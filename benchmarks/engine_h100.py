@@ -79,7 +79,8 @@ def main() -> int:
     ap.add_argument("--num-kv-pages", type=int, default=16384)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    res: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    res: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                 "date": time.strftime("%Y-%m-%d %H:%M")}
     print(res, flush=True)
     bw = bench.device_bandwidth()
     res["bandwidth_TBps"] = bw / 1e12

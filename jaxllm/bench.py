@@ -226,7 +226,8 @@ async def _serve_async(args: argparse.Namespace) -> dict:
           f"{n_out / elapsed:.0f} output tok/s")
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         s = result[name]
-        print(f"  {name[:-3].upper():5s} mean {s['mean']:8.1f} ms  median {s['median']:8.1f} ms  p99 {s['p99']:8.1f} ms")
+        print(f"  {name[:-3].upper():5s} mean {s['mean']:8.1f} ms  median {s['median']:8.1f} ms  "
+              f"p99 {s['p99']:8.1f} ms")
     return result
 
 
