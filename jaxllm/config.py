@@ -82,6 +82,19 @@ class RopeConfig:
         return cls(**kwargs)
 
 
+QUANTIZATIONS = ("int8",)  # weight-only, one scale per output channel, quantized at load
+PLANNED_QUANTIZATIONS = ("int4", "awq", "gguf")
+
+
+def check_quantization(quantization: str | None) -> None:
+    if quantization is None or quantization in QUANTIZATIONS:
+        return
+    if quantization in PLANNED_QUANTIZATIONS:
+        raise ConfigError(f"quantization={quantization!r} is not implemented yet; available: "
+                          f"{', '.join(QUANTIZATIONS)} (or None)")
+    raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, got {quantization!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything the model code needs to know about one checkpoint, normalised across families."""
@@ -112,6 +125,7 @@ class ModelConfig:
     bos_token_id: int | None
     checkpoint_dtype: str  # the dtype the weights were stored in ("bfloat16", "float32", ...)
     hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    quantization: str | None = None  # how the linear layers hold their weights (QUANTIZATIONS); None: as loaded
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -121,6 +135,7 @@ class ModelConfig:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
         if len(self.sliding_windows) != self.num_layers or len(self.ropes) != self.num_layers:
             raise ConfigError("layer_types must name one attention type per layer")
+        check_quantization(self.quantization)
 
     @property
     def norm_plus_one(self) -> bool:

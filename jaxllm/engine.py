@@ -102,13 +102,14 @@ class LLMEngine:
 
     def __init__(self, model: str | Path | None = None, *, tokenizer: str | Path | None = None,
                  dtype: Any = "auto", revision: str | None = None, gpu_memory_utilization: float | None = None,
-                 load_format: str = "auto", **engine_kwargs: Any) -> None:
+                 load_format: str = "auto", quantization: str | None = None, **engine_kwargs: Any) -> None:
         if gpu_memory_utilization is not None:
             engine_kwargs["memory_utilization"] = gpu_memory_utilization
         self.config = EngineConfig(**engine_kwargs)
         enable_compilation_cache()
         t0 = time.monotonic()
         self.model = load_model(model, dtype=dtype, tokenizer=tokenizer, revision=revision, load_format=load_format,
+                                quantization=quantization,
                                 attention_backend=self.config.attention_backend,
                                 mesh=make_mesh(self.config.tensor_parallel_size))
         self.tokenizer = self.model.tokenizer
@@ -397,7 +398,8 @@ class LLM:
     "float32" or "float16". Engine knobs (EngineConfig: max_model_len, page_size, num_kv_pages,
     memory_utilization / gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, tensor_parallel_size, seed, attention_backend, ...) are keyword arguments;
-    load_format="dummy" (vLLM's) makes random weights from the config alone, for benchmarks.
+    load_format="dummy" (vLLM's) makes random weights from the config alone, for benchmarks;
+    quantization="int8" keeps the linear layers' weights in int8 (per-output-channel scales, quantized at load).
     """
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:

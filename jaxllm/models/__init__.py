@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import flax.linen as nn
@@ -63,4 +64,49 @@ def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(make, abstract, shardings)
 
 
-__all__ = ["abstract_params", "build_model", "dummy_params", "CausalLM", "FAMILIES"]
+def quantize_params(params: dict, abstract: dict, shardings) -> dict:
+    """The float `params` of a model as the quantized model's tree `abstract` (unboxed) holds them: each int8
+    kernel `[*in, *out]` with its scale `[*out]` = max |w| over the inputs / 127 (symmetric, per output
+    channel), every other leaf as it is. Runs on the devices, one leaf at a time, placed by `shardings`."""
+    flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    out = {}
+    jitted: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        keys = tuple(k.key for k in path)
+        if keys[-1] == "scale" and keys[:-1] + ("kernel",) in out:
+            continue  # made with its kernel
+        sharding = _at(shardings, keys)
+        value = flat_params[path]
+        if keys[-1] == "kernel" and leaf.dtype == jnp.int8:
+            scale_keys = keys[:-1] + ("scale",)
+            n_in = value.ndim - _at(abstract, scale_keys).ndim
+            cache_key = (value.shape, value.dtype, n_in, sharding, _at(shardings, scale_keys))
+            if cache_key not in jitted:
+                jitted[cache_key] = jax.jit(functools.partial(_int8_per_channel, n_in=n_in),
+                                            out_shardings=(sharding, _at(shardings, scale_keys)))
+            out[keys], out[scale_keys] = jitted[cache_key](value)
+        else:
+            out[keys] = value
+    tree: dict = {}
+    for keys, value in out.items():
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return tree
+
+
+def _int8_per_channel(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
+    w = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)))
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _at(tree, keys: tuple[str, ...]):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+__all__ = ["abstract_params", "build_model", "dummy_params", "quantize_params", "CausalLM", "FAMILIES"]

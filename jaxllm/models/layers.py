@@ -7,6 +7,8 @@ jaxllm.sharding maps onto a device mesh.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any, ClassVar
 
@@ -25,12 +27,41 @@ def _init(names: tuple[str, ...], init=nn.initializers.normal(0.02)):
     return nn.with_logical_partitioning(init, names)
 
 
-def dense(features, names: tuple[str, ...], use_bias: bool, dtype: Dtype, name: str, axis=-1) -> nn.DenseGeneral:
-    """A linear layer whose kernel is `[*in_axes, *out_axes]` with logical axis `names`."""
+def dense(features, names: tuple[str, ...], use_bias: bool, dtype: Dtype, name: str, axis=-1,
+          quantization: str | None = None) -> nn.Module:
+    """A linear layer whose kernel is `[*in_axes, *out_axes]` with logical axis `names` (int8 weights with
+    quantization="int8")."""
+    if quantization == "int8":
+        return Int8Dense(features, names, axis, use_bias, dtype, name=name)
     n_out = len(features) if isinstance(features, tuple) else 1
     return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
                            kernel_init=_init(names), bias_init=_init(names[-n_out:], nn.initializers.zeros),
                            name=name)
+
+
+class Int8Dense(nn.Module):
+    """Weight-only int8 linear layer: kernel `[*in, *out]` int8 and a float32 scale per output channel `[*out]`
+    (w = kernel * scale). The kernel is converted to `dtype` inside the matmul's fusion, so the device holds,
+    and a memory-bound decode step reads, one byte per weight. Contracts the trailing `axis` dims of x."""
+
+    features: int | tuple[int, ...]
+    names: tuple[str, ...]
+    axis: int | tuple[int, ...]
+    use_bias: bool
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.features if isinstance(self.features, tuple) else (self.features,)
+        n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
+        kernel = self.param("kernel", _init(self.names, nn.initializers.zeros), (*x.shape[-n_in:], *out), jnp.int8)
+        scale = self.param("scale", _init(self.names[n_in:], nn.initializers.ones), out, jnp.float32)
+        dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+        y = y * scale.astype(self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", _init(self.names[n_in:], nn.initializers.zeros), out, self.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -136,11 +167,10 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv: KVPages,
                  md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
         c = self.config
-        q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c.qkv_bias, self.dtype, "q_proj")(x)
-        k = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, self.dtype,
-                  "k_proj")(x)
-        v = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, self.dtype,
-                  "v_proj")(x)
+        proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization)
+        q = proj((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c.qkv_bias, name="q_proj")(x)
+        k = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="k_proj")(x)
+        v = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="v_proj")(x)
         if c.qk_norm:  # Qwen3, Gemma 3: RMSNorm over head_dim before the rotation
             q = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="q_norm")(q)
             k = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="k_norm")(k)
@@ -148,7 +178,7 @@ class Attention(nn.Module):
         out, kv = paged_attention(q, k, v, kv, md, scale=c.attention_scale,
                                   sliding_window=c.sliding_windows[self.layer_idx],
                                   soft_cap=c.attn_logit_softcap, backend=self.backend)
-        out = dense(c.hidden_size, ("heads", "head_dim", "embed"), c.o_bias, self.dtype, "o_proj", axis=(-2, -1))(out)
+        out = proj(c.hidden_size, ("heads", "head_dim", "embed"), c.o_bias, name="o_proj", axis=(-2, -1))(out)
         return out, kv
 
 
@@ -169,10 +199,10 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        gate = dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, "gate_proj")(x)
-        up = dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, "up_proj")(x)
-        return dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, self.dtype, "down_proj")(
-            ACTIVATIONS[c.hidden_act](gate) * up)
+        proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization)
+        gate = proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj")(x)
+        up = proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")(x)
+        return proj(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -18,8 +18,8 @@ import jax
 from jax.sharding import Mesh
 
 from jaxllm.attention import resolve_backend
-from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype, resolve_dtype
-from jaxllm.models import CausalLM, abstract_params, build_model, dummy_params
+from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype, check_quantization, resolve_dtype
+from jaxllm.models import CausalLM, abstract_params, build_model, dummy_params, quantize_params
 from jaxllm.sharding import check_tensor_parallel, make_mesh, param_shardings
 from jaxllm.tokenizer import generation_eos_ids, has_hf_tokenizer, load_hf_tokenizer, synthetic_tokenizer
 from jaxllm.weights.checkpoint import read_marker, restore_params, save_checkpoint
@@ -50,14 +50,16 @@ LOAD_FORMATS = ("auto", "dummy")
 
 def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenizer: str | Path | None = None,
                mesh: Mesh | None = None, revision: str | None = None, attention_backend: str = "auto",
-               load_format: str = "auto") -> LoadedModel:
+               load_format: str = "auto", quantization: str | None = None) -> LoadedModel:
     """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`.
 
+    quantization "int8" stores the linear layers' weights as int8 with per-output-channel scales.
     load_format "dummy" reads only the config (a directory with just config.json will do) and makes random
     weights on the devices, for benchmarks; without a tokenizer there it gets a synthetic one of the
     model's vocabulary size.
     """
     check_dtype(dtype)
+    check_quantization(quantization)
     if load_format not in LOAD_FORMATS:
         raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     source = resolve_model(model, revision)
@@ -92,6 +94,12 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         for name, tensor in tensors:
             builder.add(name, tensor)
         params = builder.build()
+
+    if quantization is not None:  # weights loaded as they are, then quantized on the devices
+        module = build_model(dataclasses.replace(config, quantization=quantization), module.dtype, module.backend)
+        abstract = abstract_params(module)
+        params = quantize_params(params, nn.unbox(abstract), param_shardings(abstract, mesh))
+        config = module.config
 
     if tokenizer is not None:
         tok = load_hf_tokenizer(tokenizer)
