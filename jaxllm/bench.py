@@ -253,7 +253,6 @@ def add_parser(sub: Any, add_model_args: Any) -> None:
         p.add_argument("--seed", type=int, default=0)
         if engine:
             add_model_args(p)
-            p.add_argument("--load-format", default="auto", help="auto | dummy (random weights from config.json)")
             p.add_argument("--max-num-batched-tokens", type=int, default=2048)
 
     lat = bsub.add_parser("latency", help="one batch, whole and prefill-only; decode ms/token and roofline")

@@ -26,6 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--attention-backend", default="auto", help="auto | pallas | reference | xla")
     p.add_argument("--quantization", default=None, help="int8: weight-only int8, quantized at load")
+    p.add_argument("--load-format", default="auto", help="auto | dummy (random weights from config.json, to time)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -53,7 +54,8 @@ def _engine(args: argparse.Namespace, **knobs: Any) -> Any:
 
     return LLMEngine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
                      num_kv_pages=args.num_kv_pages, tensor_parallel_size=args.tensor_parallel_size,
-                     attention_backend=args.attention_backend, quantization=args.quantization, **knobs)
+                     attention_backend=args.attention_backend, quantization=args.quantization,
+                     load_format=args.load_format, **knobs)
 
 
 def stream(engine: Any, prompt: Any, params: Any, out: TextIO) -> Any:
@@ -151,7 +153,7 @@ def _serve(args: argparse.Namespace) -> None:
                tokenizer=args.tokenizer, dtype=args.dtype,
                max_model_len=args.max_model_len, num_kv_pages=args.num_kv_pages,
                tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
-               quantization=args.quantization, max_num_seqs=args.max_num_seqs,
+               quantization=args.quantization, load_format=args.load_format, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens)
 
 
