@@ -1,15 +1,20 @@
 """AsyncLLM: the engine for asyncio code (the HTTP server): `async for out in llm.generate(...)` streams.
 
-One background thread runs `LLMEngine.step()` while any request is unfinished and hands each request's
-outputs to its asyncio queue; callers add and abort requests from their event loop. A lock serialises
-the engine between the two, so a new request waits at most one step to be queued. A caller that stops
-iterating early (a client that disconnected) aborts its request, which frees its pages.
+One background thread owns the LLMEngine: it takes the callers' new requests and aborts from an inbox, runs
+`step()` while any request is unfinished, and hands each request's outputs to its asyncio queue. The event
+loop never waits for the engine: it only puts into the inbox (a lock-free queue) and wakes the thread, so
+a step in flight (milliseconds on a GPU, while the thread holds the engine) never blocks other clients.
+(An earlier version made callers take the engine's lock from the event loop; under load the engine thread
+re-took it between steps first, and on the H100 the server admitted one request at a time.) A caller that
+stops iterating early (a client that disconnected) aborts its request, which frees its pages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import queue
 import threading
 from typing import Any, AsyncIterator
 
@@ -24,9 +29,10 @@ class AsyncLLM:
 
     def __init__(self, model: Any = None, *, engine: LLMEngine | None = None, **kwargs: Any) -> None:
         self.engine = engine if engine is not None else LLMEngine(model, **kwargs)
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) / ("abort", request_id)
+        self._wake = threading.Condition()  # held only to sleep and to wake, never during a step
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread only
+        self._ids = itertools.count()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
         self._thread.start()
@@ -37,19 +43,18 @@ class AsyncLLM:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after every step that advanced it, the last one finished.
-        Bad input raises (ValueError/TypeError) before anything is queued."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        with self._work:
-            if self._stopped:
-                raise RuntimeError("the engine has shut down")
-            rid = self.engine.add_request(request_id, prompt, sampling_params, priority=priority)
-            self._queues[rid] = (loop, queue)
-            self._work.notify()
+        Bad input raises (ValueError/TypeError) at the first iteration, before the request is queued."""
+        if self._stopped:
+            raise RuntimeError("the engine has shut down")
+        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+        rid = request_id if request_id is not None else f"async-{next(self._ids)}"
+        self._post(("add", rid, prompt, sampling_params, priority, loop, outputs))
         finished = False
         try:
             while not finished:
-                out = await queue.get()
+                out = await outputs.get()
                 if isinstance(out, BaseException):
+                    finished = True  # nothing of it is queued (bad input) or it was aborted (a failed step)
                     raise out
                 finished = out.finished
                 yield out
@@ -58,35 +63,60 @@ class AsyncLLM:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
-        with self._work:
-            self._queues.pop(request_id, None)
-            self.engine.abort_request(request_id)
+        self._post(("abort", request_id))
 
     def shutdown(self) -> None:
-        with self._work:
-            self._stopped = True
-            self._work.notify()
+        self._stopped = True
+        self._post(("stop",))
         self._thread.join(timeout=10)
+
+    def _post(self, item: tuple) -> None:
+        self._inbox.put(item)
+        with self._wake:
+            self._wake.notify()
+
+    def _drain_inbox(self) -> bool:
+        """Apply the callers' adds and aborts (engine thread); False once shut down."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item[0] == "stop":
+                return False
+            if item[0] == "abort":
+                self._queues.pop(item[1], None)
+                self.engine.abort_request(item[1])
+                continue
+            _, rid, prompt, params, priority, loop, outputs = item
+            try:
+                self.engine.add_request(rid, prompt, params, priority=priority)
+            except Exception as e:  # bad input: the caller raises it
+                loop.call_soon_threadsafe(outputs.put_nowait, e)
+                continue
+            self._queues[rid] = (loop, outputs)
 
     def _run(self) -> None:
         while True:
-            with self._work:
-                while not self._stopped and not self.engine.has_unfinished_requests():
-                    self._work.wait()
-                if self._stopped:
-                    return
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:  # the step failed: fail every waiting caller rather than hang them
-                    logger.exception("engine step failed")
-                    for rid, (loop, queue) in list(self._queues.items()):
-                        loop.call_soon_threadsafe(queue.put_nowait, e)
-                        self.engine.abort_request(rid)
-                    self._queues.clear()
-                    continue
-                for out in outputs:
-                    target = self._queues.get(out.request_id)
-                    if target is not None:
-                        target[0].call_soon_threadsafe(target[1].put_nowait, out)
-                        if out.finished:
-                            del self._queues[out.request_id]
+            with self._wake:
+                while self._inbox.empty() and not self.engine.has_unfinished_requests():
+                    self._wake.wait()
+            if not self._drain_inbox():
+                return
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # the step failed: fail every waiting caller rather than hang them
+                logger.exception("engine step failed")
+                for rid, (loop, q) in list(self._queues.items()):
+                    loop.call_soon_threadsafe(q.put_nowait, e)
+                    self.engine.abort_request(rid)
+                self._queues.clear()
+                continue
+            for out in outputs:
+                target = self._queues.get(out.request_id)
+                if target is not None:
+                    target[0].call_soon_threadsafe(target[1].put_nowait, out)
+                    if out.finished:
+                        del self._queues[out.request_id]

@@ -366,6 +366,7 @@ class ModelRunner:
     def fetch(handle: tuple) -> StepOutput:
         """Wait for a launched step; its output as numpy arrays, cut to the real rows and tokens."""
         packed, packed_plp, (layout, plp_layout), n, t = handle
+        packed.block_until_ready()  # waits with the GIL released, so other threads (an event loop) run meanwhile
         tokens, logprobs = unpack(np.asarray(packed), layout, np)
         plp = unpack(np.asarray(packed_plp), plp_layout, np) if packed_plp is not None else None
         out = StepOutput(tokens, logprobs, plp)

@@ -63,10 +63,47 @@ def test_abandoned_stream_is_aborted(async_llm):
 
     asyncio.run(main())
     for _ in range(100):  # the engine thread finishes the step already launched for it
-        with llm._work:
-            if not engine.has_unfinished_requests():
-                break
+        if not engine.has_unfinished_requests() and engine.kv.num_free == engine.kv.num_pages:
+            break
         time.sleep(0.05)
-    with llm._work:
-        assert not engine.has_unfinished_requests()
-        assert engine.kv.num_free == engine.kv.num_pages
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_free == engine.kv.num_pages
+
+
+def test_event_loop_never_waits_for_a_step(async_llm, monkeypatch):
+    """Steps made slow (80 ms, as a big model's can be): while requests keep arriving, the event loop stays
+    free (a 10 ms ticker keeps ticking) and every request is admitted. The first AsyncLLM took the engine's
+    lock from the event loop, which stalled it for whole steps under load."""
+    _, llm = async_llm
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(0.08)
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", slow_step)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        gaps, last = [], time.perf_counter()
+
+        async def ticker():
+            nonlocal last
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async def one(i):
+            await asyncio.sleep(0.05 * i)
+            return [out async for out in llm.generate({"prompt_token_ids": [5 + i, 6, 7]}, params)][-1]
+
+        tick = asyncio.create_task(ticker())
+        finals = await asyncio.gather(*(one(i) for i in range(8)))
+        tick.cancel()
+        return finals, gaps
+
+    finals, gaps = asyncio.run(main())
+    assert all(len(f.outputs[0].token_ids) == 12 for f in finals)
+    assert max(gaps) < 0.06, sorted(gaps)[-5:]  # never a stall of a whole 80 ms step
