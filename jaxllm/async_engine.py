@@ -92,7 +92,7 @@ class AsyncLLM:
             try:
                 self.engine.add_request(rid, prompt, params, priority=priority)
             except Exception as e:  # bad input: the caller raises it
-                loop.call_soon_threadsafe(outputs.put_nowait, e)
+                _send(loop, outputs, e)
                 continue
             self._queues[rid] = (loop, outputs)
 
@@ -110,13 +110,26 @@ class AsyncLLM:
             except Exception as e:  # the step failed: fail every waiting caller rather than hang them
                 logger.exception("engine step failed")
                 for rid, (loop, q) in list(self._queues.items()):
-                    loop.call_soon_threadsafe(q.put_nowait, e)
+                    _send(loop, q, e)
                     self.engine.abort_request(rid)
                 self._queues.clear()
                 continue
             for out in outputs:
                 target = self._queues.get(out.request_id)
-                if target is not None:
-                    target[0].call_soon_threadsafe(target[1].put_nowait, out)
-                    if out.finished:
-                        del self._queues[out.request_id]
+                if target is None:
+                    continue
+                if not _send(*target, out):  # its caller's event loop is gone: nobody will read the rest
+                    self.engine.abort_request(out.request_id)
+                    del self._queues[out.request_id]
+                elif out.finished:
+                    del self._queues[out.request_id]
+
+
+def _send(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, item: Any) -> bool:
+    """Hand an output (or an exception) to a caller's queue from the engine thread; False if its loop closed
+    (a caller that finished its asyncio.run while its aborted request still had a step in flight)."""
+    try:
+        loop.call_soon_threadsafe(outputs.put_nowait, item)
+        return True
+    except RuntimeError:
+        return False

@@ -107,3 +107,25 @@ def test_event_loop_never_waits_for_a_step(async_llm, monkeypatch):
     finals, gaps = asyncio.run(main())
     assert all(len(f.outputs[0].token_ids) == 12 for f in finals)
     assert max(gaps) < 0.06, sorted(gaps)[-5:]  # never a stall of a whole 80 ms step
+
+
+def test_engine_thread_survives_a_closed_caller_loop(async_llm):
+    """A caller whose asyncio.run ends with its stream unfinished: the loop closes while the request may still
+    have a step in flight. The engine thread must drop it and go on serving (it once died there)."""
+    _, llm = async_llm
+    long = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+
+    async def abandon(i):
+        gen = llm.generate({"prompt_token_ids": [9 + i, 8, 7]}, long)
+        await gen.__anext__()  # then return: asyncio.run finalises the generator and closes the loop
+
+    for i in range(4):
+        asyncio.run(abandon(i))
+
+    async def fresh():
+        outs = [o async for o in llm.generate({"prompt_token_ids": [1, 2, 3]},
+                                              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))]
+        return outs[-1]
+
+    assert asyncio.run(asyncio.wait_for(fresh(), 120)).finished
+    assert llm._thread.is_alive()
