@@ -82,8 +82,10 @@ class RopeConfig:
         return cls(**kwargs)
 
 
-QUANTIZATIONS = ("int8",)  # weight-only, one scale per output channel, quantized at load
-PLANNED_QUANTIZATIONS = ("int4", "awq", "gguf")
+# Weight-only, quantized at load: int8 with one scale per output channel; int4 with one scale per group of
+# (up to) 128 inputs per output channel.
+QUANTIZATIONS = ("int8", "int4")
+PLANNED_QUANTIZATIONS = ("awq", "gguf")
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -126,6 +128,7 @@ class ModelConfig:
     checkpoint_dtype: str  # the dtype the weights were stored in ("bfloat16", "float32", ...)
     hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
     quantization: str | None = None  # how the linear layers hold their weights (QUANTIZATIONS); None: as loaded
+    quant_group_size: int = 128  # int4: inputs per scale (32 for GGUF sources: their blocks, requantized exactly)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -67,24 +67,31 @@ def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
 def quantize_params(params: dict, abstract: dict, shardings) -> dict:
     """The float `params` of a model as the quantized model's tree `abstract` (unboxed) holds them: each int8
     kernel `[*in, *out]` with its scale `[*out]` = max |w| over the inputs / 127 (symmetric, per output
-    channel), every other leaf as it is. Runs on the devices, one leaf at a time, placed by `shardings`."""
+    channel), each int4 kernel (unsigned) with a scale and zero `[groups, *out]` spanning a group's
+    [min, max], every other leaf as it is. Runs on the devices, one leaf at a time, placed by `shardings`."""
     flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     out = {}
     jitted: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         keys = tuple(k.key for k in path)
-        if keys[-1] == "scale" and keys[:-1] + ("kernel",) in out:
+        if keys[-1] in ("scale", "zero") and keys[:-1] + ("kernel",) in out:
             continue  # made with its kernel
         sharding = _at(shardings, keys)
         value = flat_params[path]
-        if keys[-1] == "kernel" and leaf.dtype == jnp.int8:
+        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint4):
             scale_keys = keys[:-1] + ("scale",)
-            n_in = value.ndim - _at(abstract, scale_keys).ndim
-            cache_key = (value.shape, value.dtype, n_in, sharding, _at(shardings, scale_keys))
+            scale = _at(abstract, scale_keys)
+            if leaf.dtype == jnp.int8:
+                fn = functools.partial(_int8_per_channel, n_in=value.ndim - scale.ndim)
+                made = (keys, scale_keys)
+            else:  # scale and zero [groups, *out]
+                fn = functools.partial(_int4_per_group, n_in=value.ndim - scale.ndim + 1, groups=scale.shape[0])
+                made = (keys, scale_keys, keys[:-1] + ("zero",))
+            cache_key = (value.shape, value.dtype, leaf.dtype, sharding, _at(shardings, scale_keys))
             if cache_key not in jitted:
-                jitted[cache_key] = jax.jit(functools.partial(_int8_per_channel, n_in=n_in),
-                                            out_shardings=(sharding, _at(shardings, scale_keys)))
-            out[keys], out[scale_keys] = jitted[cache_key](value)
+                jitted[cache_key] = jax.jit(fn, out_shardings=tuple(_at(shardings, k) for k in made))
+            for k, v in zip(made, jitted[cache_key](value)):
+                out[k] = v
         else:
             out[keys] = value
     tree: dict = {}
@@ -101,6 +108,16 @@ def _int8_per_channel(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
     amax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)))
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
     return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _int4_per_group(w: jax.Array, n_in: int, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """w [*in, *out] -> unsigned int4 kernel of the same shape, scale and zero [groups, *out] with
+    w ~ q * scale + zero: each group of inputs spans its [min, max] in 16 levels."""
+    g = w.astype(jnp.float32).reshape(groups, -1, *w.shape[n_in:])
+    lo, hi = jnp.min(g, axis=1), jnp.max(g, axis=1)
+    scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
+    q = jnp.clip(jnp.round((g - lo[:, None]) / scale[:, None]), 0, 15).astype(jnp.uint4)
+    return q.reshape(w.shape), scale, lo
 
 
 def _at(tree, keys: tuple[str, ...]):

@@ -96,7 +96,9 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         params = builder.build()
 
     if quantization is not None:  # weights loaded as they are, then quantized on the devices
-        module = build_model(dataclasses.replace(config, quantization=quantization), module.dtype, module.backend)
+        group = 32 if gguf is not None else config.quant_group_size  # GGUF's Q4/Q8 blocks are 32 inputs
+        module = build_model(dataclasses.replace(config, quantization=quantization, quant_group_size=group),
+                             module.dtype, module.backend)
         abstract = abstract_params(module)
         params = quantize_params(params, nn.unbox(abstract), param_shardings(abstract, mesh))
         config = module.config
