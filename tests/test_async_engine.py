@@ -4,6 +4,7 @@ aborts its request and frees its pages; bad input raises before anything is queu
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -71,42 +72,47 @@ def test_abandoned_stream_is_aborted(async_llm):
 
 
 def test_event_loop_never_waits_for_a_step(async_llm, monkeypatch):
-    """Steps made slow (80 ms, as a big model's can be): while requests keep arriving, the event loop stays
-    free (a 10 ms ticker keeps ticking) and every request is admitted. The first AsyncLLM took the engine's
-    lock from the event loop, which stalled it for whole steps under load."""
+    """While the engine thread is inside a step (held there on purpose), the event loop can still queue a new
+    request and run other coroutines. The first AsyncLLM took the engine's lock from the event loop, which
+    froze the loop (every client) until the step ended: here the loop itself must be the one to release the
+    held step; a watchdog thread releases it after 10 s otherwise, and the test fails."""
     _, llm = async_llm
-    step = llm.engine.step
+    step, entered, gate = llm.engine.step, threading.Event(), threading.Event()
+    opened_by = []
 
-    def slow_step():
-        time.sleep(0.08)
+    def held_step():
+        entered.set()
+        gate.wait()
         return step()
 
-    monkeypatch.setattr(llm.engine, "step", slow_step)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    def watchdog():
+        if not gate.wait(10):
+            opened_by.append("watchdog")
+            gate.set()
+
+    monkeypatch.setattr(llm.engine, "step", held_step)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
     async def main():
-        gaps, last = [], time.perf_counter()
+        first = asyncio.create_task(_final(llm.generate({"prompt_token_ids": [5, 6, 7]}, params)))
+        await asyncio.to_thread(entered.wait, 10)  # the engine thread is now held inside a step
+        threading.Thread(target=watchdog, daemon=True).start()
+        second = asyncio.create_task(_final(llm.generate({"prompt_token_ids": [8, 9]}, params)))
+        await asyncio.sleep(0.05)  # the second request's first iteration has run on the loop by now
+        opened_by.append("event loop")
+        gate.set()
+        return await asyncio.gather(first, second)
 
-        async def ticker():
-            nonlocal last
-            while True:
-                await asyncio.sleep(0.01)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
+    finals = asyncio.run(main())
+    assert opened_by[0] == "event loop", opened_by
+    assert all(len(f.outputs[0].token_ids) == 4 for f in finals)
 
-        async def one(i):
-            await asyncio.sleep(0.05 * i)
-            return [out async for out in llm.generate({"prompt_token_ids": [5 + i, 6, 7]}, params)][-1]
 
-        tick = asyncio.create_task(ticker())
-        finals = await asyncio.gather(*(one(i) for i in range(8)))
-        tick.cancel()
-        return finals, gaps
-
-    finals, gaps = asyncio.run(main())
-    assert all(len(f.outputs[0].token_ids) == 12 for f in finals)
-    assert max(gaps) < 0.06, sorted(gaps)[-5:]  # never a stall of a whole 80 ms step
+async def _final(gen):
+    last = None
+    async for out in gen:
+        last = out
+    return last
 
 
 def test_engine_thread_survives_a_closed_caller_loop(async_llm):
