@@ -93,7 +93,7 @@ def main() -> int:
     res["startup_s"] = time.perf_counter() - t0
     runner, cfg = llm.llm_engine.runner, llm.model.config
     compiled = runner.num_compilations
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.model.params))
+    weight_bytes = llm.model.num_bytes
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     print(f"start-up {res['startup_s']:.1f} s ({len(runner.all_buckets())} step shapes, "
           f"{runner.num_compilations} functions), weights {weight_bytes / 1e9:.2f} GB", flush=True)

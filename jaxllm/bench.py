@@ -81,11 +81,13 @@ def _llm(args: argparse.Namespace, **knobs: Any) -> Any:
     return llm
 
 
-def _save(args: argparse.Namespace, result: dict) -> None:
-    import jax
+def _save(args: argparse.Namespace, result: dict, engine: bool = True) -> None:
+    """Stamp the result (and the local device, for the commands that run the engine here); write --save-result."""
+    result.update(date=time.strftime("%Y-%m-%d %H:%M"), args={k: v for k, v in vars(args).items() if k != "func"})
+    if engine:
+        import jax
 
-    result.update(date=time.strftime("%Y-%m-%d %H:%M"), device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  args={k: v for k, v in vars(args).items() if k != "func"})
+        result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
     if args.save_result:
         with open(args.save_result, "w") as f:
             json.dump(result, f, indent=1)
@@ -112,9 +114,7 @@ def latency(args: argparse.Namespace) -> dict:
     prefill = [run(1) for _ in range(args.num_iters)]
     lat, pre = statistics.median(whole), statistics.median(prefill)
     per_token = (lat - pre) / max(args.output_len - 1, 1)
-    import jax
-
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.model.params))
+    weight_bytes = llm.model.num_bytes
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
     step_bytes = weight_bytes + args.batch_size * kv_per_token * (args.input_len + args.output_len / 2)
     floor = step_bytes / bw
@@ -197,8 +197,8 @@ async def _serve_async(args: argparse.Namespace) -> dict:
             raise ValueError(f"{base}/v1/models answered HTTP {resp.status_code}: {resp.text[:200]}{hint}")
         models = resp.json()["data"]
         model = args.model or models[0]["id"]
-        vocab = args.vocab_size
-        reqs = make_requests(args.dataset_name, args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
+        reqs = make_requests(args.dataset_name, args.num_prompts, args.input_len, args.output_len, args.vocab_size,
+                             args.seed)
         rng = np.random.default_rng(args.seed)
         sem = asyncio.Semaphore(args.max_concurrency or len(reqs))
 
@@ -234,10 +234,7 @@ async def _serve_async(args: argparse.Namespace) -> dict:
 
 def serve(args: argparse.Namespace) -> dict:
     result = asyncio.run(_serve_async(args))
-    if args.save_result:
-        result.update(date=time.strftime("%Y-%m-%d %H:%M"), args={k: v for k, v in vars(args).items() if k != "func"})
-        with open(args.save_result, "w") as f:
-            json.dump(result, f, indent=1)
+    _save(args, result, engine=False)
     return result
 
 

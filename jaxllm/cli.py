@@ -25,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size in pages (default: from memory)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--attention-backend", default="auto", help="auto | pallas | reference | xla")
-    p.add_argument("--quantization", default=None, help="int8: weight-only int8, quantized at load")
+    p.add_argument("--quantization", default=None, help="int8 | int4: weight-only, quantized at load")
     p.add_argument("--load-format", default="auto", help="auto | dummy (random weights from config.json, to time)")
 
 

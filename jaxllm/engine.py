@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence as Seq
 
-import jax
-
 from jaxllm.config import EngineConfig, enable_compilation_cache
 from jaxllm.detokenizer import IncrementalDetokenizer
 from jaxllm.kv_cache import KVCacheManager
@@ -116,7 +114,7 @@ class LLMEngine:
         t1 = time.monotonic()
         self.runner = ModelRunner(self.model, self.config)
         logger.info("model loaded in %.1f s (%.2f GB of weights); KV pool of %d pages allocated in %.1f s", t1 - t0,
-                    sum(x.nbytes for x in jax.tree.leaves(self.model.params)) / 1e9, self.runner.num_pages,
+                    self.model.num_bytes / 1e9, self.runner.num_pages,
                     time.monotonic() - t1)
         self.kv = KVCacheManager(self.runner.num_pages, self.runner.page_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
@@ -260,14 +258,9 @@ class LLMEngine:
         use_sampler = want_plp = False
         for seq, n in zip(batch.seqs, batch.num_new_tokens):  # every sequence, every step: keep it lean
             start, p = seq.num_computed_tokens, seq.params
-            if n == 1:
-                t = seq.token_ids[start]
-                inputs.append(SeqInput([t if t >= 0 else 0], start, seq.block_table))
-                prev_rows.append(prev_rows_of[seq.seq_id] if t == PLACEHOLDER else -1)
-            else:
-                ids = seq.token_ids[start:start + n]
-                inputs.append(SeqInput([t if t >= 0 else 0 for t in ids], start, seq.block_table))
-                prev_rows += [prev_rows_of[seq.seq_id] if t == PLACEHOLDER else -1 for t in ids]
+            ids = seq.token_ids[start:start + n]
+            inputs.append(SeqInput([t if t >= 0 else 0 for t in ids], start, seq.block_table))
+            prev_rows += [prev_rows_of[seq.seq_id] if t == PLACEHOLDER else -1 for t in ids]
             samples = start + n == len(seq.token_ids)
             sample_rows.append(samples)
             num_out = len(seq.token_ids) - seq.num_prompt_tokens
@@ -399,7 +392,7 @@ class LLM:
     memory_utilization / gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, tensor_parallel_size, seed, attention_backend, ...) are keyword arguments;
     load_format="dummy" (vLLM's) makes random weights from the config alone, for benchmarks;
-    quantization="int8" keeps the linear layers' weights in int8 (per-output-channel scales, quantized at load).
+    quantization="int8" / "int4" keeps the linear layers' weights quantized (done at load).
     """
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:

@@ -345,7 +345,7 @@ class ModelRunner:
         inputs = self._pack(seqs, sample_rows, row_params, key, prompt_targets, prev_rows)
         sort = use_sampler and any(p.top_k not in (0, -1, 1) or p.top_p < 1.0
                                    for (p, *_), s in zip(row_params, sample_rows) if s)
-        mode = "sample-sort" if use_sampler and sort else "sample" if use_sampler else "greedy"
+        mode = "sample-sort" if sort else "sample" if use_sampler else "greedy"
         out, plp = self._run_step(key, inputs, mode, want_prompt_logprobs)
         return out, plp, self._output_layouts(key), len(seqs), num_tokens
 

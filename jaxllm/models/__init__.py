@@ -27,19 +27,15 @@ def build_model(config: ModelConfig, dtype, backend: str = "reference") -> Causa
     return FAMILIES[config.family](config, dtype=dtype, backend=backend)
 
 
-def _init_inputs(module: CausalLM) -> tuple:
-    """Shapes of a one-token step, enough for `module.init` to create every parameter."""
+def abstract_params(module: CausalLM) -> dict:
+    """The parameter tree of `module` as shapes/dtypes with logical axis names (boxed), computing nothing."""
     c = module.config
     one = jax.ShapeDtypeStruct((1,), jnp.int32)
     page = jax.ShapeDtypeStruct(kv_pages_shape(module.backend, 1, 1, c.num_kv_heads, c.head_dim), module.dtype)
     md = AttentionMetadata(slot_mapping=one, block_tables=jax.ShapeDtypeStruct((1, 1), jnp.int32), seq_lens=one,
                            query_start_loc=jax.ShapeDtypeStruct((2,), jnp.int32), max_query_len=1)
-    return one, one, [KVPages(page, page)] * c.num_layers, md
-
-
-def abstract_params(module: CausalLM) -> dict:
-    """The parameter tree of `module` as shapes/dtypes with logical axis names (boxed), computing nothing."""
-    return jax.eval_shape(module.init, jax.random.key(0), *_init_inputs(module))["params"]
+    kv = [KVPages(page, page)] * c.num_layers
+    return jax.eval_shape(module.init, jax.random.key(0), one, one, kv, md)["params"]
 
 
 def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
@@ -72,7 +68,8 @@ def quantize_params(params: dict, abstract: dict, shardings) -> dict:
     flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     out = {}
     jitted: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    for path, leaf in leaves:
         keys = tuple(k.key for k in path)
         if keys[-1] in ("scale", "zero") and keys[:-1] + ("kernel",) in out:
             continue  # made with its kernel
@@ -94,13 +91,7 @@ def quantize_params(params: dict, abstract: dict, shardings) -> dict:
                 out[k] = v
         else:
             out[keys] = value
-    tree: dict = {}
-    for keys, value in out.items():
-        node = tree
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return tree
+    return jax.tree_util.tree_unflatten(treedef, [out[tuple(k.key for k in path)] for path, _ in leaves])
 
 
 def _int8_per_channel(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:

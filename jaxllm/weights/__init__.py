@@ -44,6 +44,11 @@ class LoadedModel:
     def dtype(self) -> Any:
         return self.module.dtype
 
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of all parameters on the devices (what a decode step reads)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self.params))
+
 
 LOAD_FORMATS = ("auto", "dummy")
 
@@ -53,7 +58,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
                load_format: str = "auto", quantization: str | None = None) -> LoadedModel:
     """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`.
 
-    quantization "int8" stores the linear layers' weights as int8 with per-output-channel scales.
+    quantization "int8" / "int4" stores the linear layers' weights quantized (models.quantize_params).
     load_format "dummy" reads only the config (a directory with just config.json will do) and makes random
     weights on the devices, for benchmarks; without a tokenizer there it gets a synthetic one of the
     model's vocabulary size.
