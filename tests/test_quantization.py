@@ -16,6 +16,8 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import ConfigError
+from pallas_kernels import quant_matmul
+from pallas_kernels.quant_matmul import dequantize, pack_half
 from tests.test_engine import mixed_prompts
 
 KNOBS = dict(dtype="float32", num_kv_pages=96, page_size=8, max_num_seqs=8, max_num_batched_tokens=64, warmup=False)
@@ -43,25 +45,27 @@ def test_weights_within_half_a_step(pair):
         w = np.asarray(layer(f.model.params, 1, name)["kernel"])
         got = layer(q.model.params, 1, name)
         kernel, scale = np.asarray(got["kernel"]), np.asarray(got["scale"])
-        assert kernel.shape == w.shape and scale.dtype == np.float32
+        assert scale.dtype == np.float32
+        n_in = w.ndim - scale.ndim + 1
+        k, n = int(np.prod(w.shape[:n_in])), int(np.prod(w.shape[n_in:]))
+        groups = scale.shape[0]
+        assert scale.shape == (groups, *w.shape[n_in:])
         if kind == "int8":
-            assert kernel.dtype == np.int8
-            n_in = w.ndim - scale.ndim
-            assert scale.shape == w.shape[n_in:]
-            np.testing.assert_allclose(scale, np.abs(w).max(axis=tuple(range(n_in))) / 127, rtol=1e-6)
-            deq = kernel * scale
+            assert kernel.dtype == np.int8 and kernel.shape == w.shape and groups == 1  # one scale per channel
+            np.testing.assert_allclose(scale[0], np.abs(w).max(axis=tuple(range(n_in))) / 127, rtol=1e-6)
             assert np.abs(kernel).max() == 127  # each channel's largest weight uses the whole range
-        else:
-            assert str(kernel.dtype) == "uint4" and got["zero"].shape == scale.shape
-            groups, out = scale.shape[0], scale.shape[1:]
-            deq = (kernel.astype(np.float32).reshape(groups, -1, *out) * scale[:, None]
-                   + np.asarray(got["zero"])[:, None]).reshape(w.shape)
-            scale = np.repeat(scale, w.size // (groups * int(np.prod(out))), axis=0).reshape(w.shape)
-        assert np.all(np.abs(w - deq) <= scale / 2 * (1 + 1e-5) + 1e-7)
+            zero, half = None, None
+        else:  # two values a byte along the last output dim
+            assert kernel.dtype == np.uint8 and kernel.shape == (*w.shape[:-1], w.shape[-1] // 2)
+            assert groups == k // min(k, 128) and got["zero"].shape == scale.shape
+            zero, half = np.asarray(got["zero"]).reshape(groups, n), pack_half(w.shape[-1])
+        deq = np.asarray(dequantize(kernel.reshape(k, -1), scale.reshape(groups, n), zero, half))
+        step = np.repeat(scale.reshape(groups, n), k // groups, axis=0)
+        assert np.all(np.abs(w.reshape(k, n) - deq) <= step / 2 * (1 + 1e-5) + 1e-7)
     # Not quantized: embeddings, norms, biases.
     assert q.model.params["embed_tokens"]["embedding"].dtype == f.model.params["embed_tokens"]["embedding"].dtype
     kinds = {str(x.dtype) for x in jax.tree.leaves(q.model.params)}
-    assert {"int8": "int8", "int4": "uint4"}[kind] in kinds
+    assert {"int8": "int8", "int4": "uint8"}[kind] in kinds
 
 
 def test_outputs_close_to_the_float_model(pair):
@@ -94,3 +98,27 @@ def test_bad_quantization_is_a_clear_error(tiny_model, value, message):
     path, _ = tiny_model("llama2")
     with pytest.raises(ConfigError, match=message):
         LLM(str(path), quantization=value, **KNOBS)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_decode_through_the_gpu_kernel(tiny_model, kind, monkeypatch):
+    """On a GPU backend, decode steps' matmuls run the Pallas quantized kernel (here interpreted on CPU): the
+    same tokens and logprobs as XLA's dequantize-and-dot path on the same weights."""
+    traced = []
+    kernel_fn = quant_matmul.gpu.quant_matmul
+    monkeypatch.setattr(quant_matmul.gpu, "quant_matmul",
+                        lambda *a, **k: traced.append(a[0].shape) or kernel_fn(*a, **k))
+    path, _ = tiny_model("llama3.1")
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(2, seed=4)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0)
+    kernel = LLM(str(path), quantization=kind, attention_backend="pallas", **KNOBS).generate(prompts, params,
+                                                                                            use_tqdm=False)
+    assert traced and all(rows <= quant_matmul.gpu.MAX_ROWS for rows, _ in traced)
+    del traced[:]
+    xla = LLM(str(path), quantization=kind, **KNOBS).generate(prompts, params, use_tqdm=False)
+    assert not traced
+    for a, b in zip(kernel, xla):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            (ta, va), = la.items()
+            assert abs(va.logprob - lb[ta].logprob) < 1e-4

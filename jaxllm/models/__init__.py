@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ from jaxllm.config import ARCHITECTURES, ConfigError, ModelConfig
 from jaxllm.models.gemma import GemmaForCausalLM
 from jaxllm.models.layers import CausalLM
 from jaxllm.models.llama import LlamaForCausalLM
+from pallas_kernels.quant_matmul import pack_half, quantize
 
 FAMILIES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
 
@@ -62,9 +64,9 @@ def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
 
 def quantize_params(params: dict, abstract: dict, shardings) -> dict:
     """The float `params` of a model as the quantized model's tree `abstract` (unboxed) holds them: each int8
-    kernel `[*in, *out]` with its scale `[*out]` = max |w| over the inputs / 127 (symmetric, per output
-    channel), each int4 kernel (unsigned) with a scale and zero `[groups, *out]` spanning a group's
-    [min, max], every other leaf as it is. Runs on the devices, one leaf at a time, placed by `shardings`."""
+    or int4 kernel `[*in, *out]` with its scale (and zero) `[groups, *out]`, made by
+    pallas_kernels.quant_matmul.quantize; every other leaf as it is. Runs on the devices, one leaf at a time,
+    placed by `shardings`."""
     flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     out = {}
     jitted: dict = {}
@@ -73,20 +75,14 @@ def quantize_params(params: dict, abstract: dict, shardings) -> dict:
         keys = tuple(k.key for k in path)
         if keys[-1] in ("scale", "zero") and keys[:-1] + ("kernel",) in out:
             continue  # made with its kernel
-        sharding = _at(shardings, keys)
         value = flat_params[path]
-        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint4):
-            scale_keys = keys[:-1] + ("scale",)
-            scale = _at(abstract, scale_keys)
-            if leaf.dtype == jnp.int8:
-                fn = functools.partial(_int8_per_channel, n_in=value.ndim - scale.ndim)
-                made = (keys, scale_keys)
-            else:  # scale and zero [groups, *out]
-                fn = functools.partial(_int4_per_group, n_in=value.ndim - scale.ndim + 1, groups=scale.shape[0])
-                made = (keys, scale_keys, keys[:-1] + ("zero",))
-            cache_key = (value.shape, value.dtype, leaf.dtype, sharding, _at(shardings, scale_keys))
+        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint8):
+            made = [keys, keys[:-1] + ("scale",)] + ([keys[:-1] + ("zero",)] if leaf.dtype == jnp.uint8 else [])
+            shapes = tuple(_at(abstract, k).shape for k in made)
+            cache_key = (value.shape, value.dtype, shapes, tuple(_at(shardings, k) for k in made))
             if cache_key not in jitted:
-                jitted[cache_key] = jax.jit(fn, out_shardings=tuple(_at(shardings, k) for k in made))
+                fn = functools.partial(_quantize_leaf, bits=8 if leaf.dtype == jnp.int8 else 4, shapes=shapes)
+                jitted[cache_key] = jax.jit(fn, out_shardings=cache_key[3])
             for k, v in zip(made, jitted[cache_key](value)):
                 out[k] = v
         else:
@@ -94,21 +90,12 @@ def quantize_params(params: dict, abstract: dict, shardings) -> dict:
     return jax.tree_util.tree_unflatten(treedef, [out[tuple(k.key for k in path)] for path, _ in leaves])
 
 
-def _int8_per_channel(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
-    w = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)))
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
-
-
-def _int4_per_group(w: jax.Array, n_in: int, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """w [*in, *out] -> unsigned int4 kernel of the same shape, scale and zero [groups, *out] with
-    w ~ q * scale + zero: each group of inputs spans its [min, max] in 16 levels."""
-    g = w.astype(jnp.float32).reshape(groups, -1, *w.shape[n_in:])
-    lo, hi = jnp.min(g, axis=1), jnp.max(g, axis=1)
-    scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-    q = jnp.clip(jnp.round((g - lo[:, None]) / scale[:, None]), 0, 15).astype(jnp.uint4)
-    return q.reshape(w.shape), scale, lo
+def _quantize_leaf(w: jax.Array, bits: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[jax.Array, ...]:
+    """w [*in, *out] -> its stored kernel, scale (and zero) in `shapes`, quantized as a [K, N] matrix."""
+    groups, *out = shapes[1]
+    w2 = w.reshape(-1, math.prod(out))
+    made = quantize(w2, bits, groups, pack_half(out[-1]) if bits == 4 else None)
+    return tuple(x.reshape(shape) for x, shape in zip((m for m in made if m is not None), shapes))
 
 
 def _at(tree, keys: tuple[str, ...]):

@@ -29,7 +29,7 @@ class GemmaDecoderLayer(DecoderLayer):
         h, kv = Attention(c, self.layer_idx, self.dtype, self.backend, name="self_attn")(
             norm("input_layernorm")(x), rope, kv, md)
         x = x + norm("post_attention_layernorm")(h)
-        h = GatedMLP(c, self.dtype, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        h = GatedMLP(c, self.dtype, self.backend, name="mlp")(norm("pre_feedforward_layernorm")(x))
         return x + norm("post_feedforward_layernorm")(h), kv
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxllm.attention import AttentionMetadata, KVPages, paged_attention
 from jaxllm.config import ModelConfig, RopeConfig
+from pallas_kernels.quant_matmul import pack_half, quant_linear
 
 Dtype = Any
 
@@ -28,11 +29,12 @@ def _init(names: tuple[str, ...], init=nn.initializers.normal(0.02)):
 
 
 def dense(features, names: tuple[str, ...], use_bias: bool, dtype: Dtype, name: str, axis=-1,
-          quantization: str | None = None, group_size: int = 128) -> nn.Module:
+          quantization: str | None = None, group_size: int | None = None, backend: str = "xla") -> nn.Module:
     """A linear layer whose kernel is `[*in_axes, *out_axes]` with logical axis `names` (int8 or int4 weights
-    with quantization="int8" / "int4")."""
+    with quantization="int8" / "int4"; `backend` picks their matmul, pallas_kernels.quant_matmul)."""
     if quantization in QUANT_BITS:
-        return QuantDense(features, names, axis, use_bias, dtype, QUANT_BITS[quantization], group_size, name=name)
+        return QuantDense(features, names, axis, use_bias, dtype, QUANT_BITS[quantization], group_size, backend,
+                          name=name)
     n_out = len(features) if isinstance(features, tuple) else 1
     return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
                            kernel_init=_init(names), bias_init=_init(names[-n_out:], nn.initializers.zeros),
@@ -42,17 +44,19 @@ def dense(features, names: tuple[str, ...], use_bias: bool, dtype: Dtype, name: 
 QUANT_BITS = {"int8": 8, "int4": 4}
 
 
-def int4_group_size(num_inputs: int, preferred: int = 128) -> int:
-    """Inputs sharing one int4 scale: `preferred` (128, AWQ's usual size; 32 for GGUF sources) or the largest
-    of 64, 32 that divides the layer's inputs, else all of them."""
+def quant_group_size(num_inputs: int, bits: int, preferred: int | None = None) -> int:
+    """Inputs sharing one scale. `preferred` None: every input for int8 (one scale per output channel), 128
+    for int4 (AWQ's usual size); 32 for GGUF sources (their blocks). Falls back to the largest of 64, 32
+    that divides the layer's inputs, else all of them."""
+    preferred = preferred or (num_inputs if bits == 8 else 128)
     return next((g for g in (preferred, 64, 32) if g <= preferred and num_inputs % g == 0), num_inputs)
 
 
 class QuantDense(nn.Module):
-    """Weight-only quantized linear layer. Kernel `[*in, *out]` in int8 (bits=8: symmetric, a float32 scale
-    per output channel `[*out]`) or unsigned int4 (bits=4: a float32 scale and zero per group of inputs and
-    output channel, `[groups, *out]`). The kernel is dequantized inside the matmul's fusion, so the device
-    holds one byte (half a byte) per weight. Contracts the trailing `axis` dims of x."""
+    """Weight-only quantized linear layer, stored as pallas_kernels.quant_matmul lays it out: kernel
+    `[*in, *out]` in int8 (bits=8, symmetric) or two unsigned int4 per byte along the last output dim (bits=4,
+    `[*in, *out[:-1], out[-1] // 2]`), a float32 scale (and, int4, zero) `[groups, *out]` per group of inputs.
+    The device holds one byte (half a byte) per weight; contracts the trailing `axis` dims of x."""
 
     features: int | tuple[int, ...]
     names: tuple[str, ...]
@@ -60,32 +64,32 @@ class QuantDense(nn.Module):
     use_bias: bool
     dtype: Dtype
     bits: int = 8
-    group_size: int = 128
+    group_size: int | None = None
+    backend: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.features if isinstance(self.features, tuple) else (self.features,)
         n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
         in_shape = x.shape[-n_in:]
-        kernel_dtype = jnp.int8 if self.bits == 8 else jnp.uint4
-        kernel = self.param("kernel", _init(self.names, nn.initializers.zeros), (*in_shape, *out), kernel_dtype)
-        w = kernel.astype(self.dtype)
+        num_in, num_out = math.prod(in_shape), math.prod(out)
+        groups = num_in // quant_group_size(num_in, self.bits, self.group_size)
+        group_names = self.names[:1] + self.names[n_in:]
         if self.bits == 8:
-            scale = self.param("scale", _init(self.names[n_in:], nn.initializers.ones), out, jnp.float32)
-            post_scale = scale.astype(self.dtype)
-        else:  # w = q * scale + zero per group: asymmetric, as AWQ and llama.cpp's Q4_1 store it
-            num_in = math.prod(in_shape)
-            groups = num_in // int4_group_size(num_in, self.group_size)
-            group_names = self.names[:1] + self.names[n_in:]
-            scale = self.param("scale", _init(group_names, nn.initializers.ones), (groups, *out), jnp.float32)
+            half, stored = None, ((*in_shape, *out), jnp.int8)
+        else:
+            half, stored = pack_half(out[-1]), ((*in_shape, *out[:-1], out[-1] // 2), jnp.uint8)
+        kernel = self.param("kernel", _init(self.names, nn.initializers.zeros), *stored)
+        scale = self.param("scale", _init(group_names, nn.initializers.ones), (groups, *out), jnp.float32)
+        zero = None
+        if self.bits == 4:
             zero = self.param("zero", _init(group_names, nn.initializers.zeros), (groups, *out), jnp.float32)
-            w = (w.reshape(groups, -1, *out) * scale.astype(self.dtype)[:, None]
-                 + zero.astype(self.dtype)[:, None]).reshape(kernel.shape)
-            post_scale = None
-        dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), w, (dims, ((), ())))
-        if post_scale is not None:
-            y = y * post_scale
+            zero = zero.reshape(groups, num_out)
+        lead = x.shape[:-n_in]
+        mesh = jax.sharding.get_abstract_mesh()
+        backend = self.backend if mesh.empty or dict(mesh.shape).get("model", 1) == 1 else "xla"  # no kernel under TP
+        y = quant_linear(x.reshape(-1, num_in), kernel.reshape(num_in, -1), scale.reshape(groups, num_out), zero,
+                         half, self.dtype, backend).reshape(*lead, *out)
         if self.use_bias:
             y = y + self.param("bias", _init(self.names[n_in:], nn.initializers.zeros), out, self.dtype)
         return y
@@ -194,7 +198,8 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv: KVPages,
                  md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
         c = self.config
-        proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size)
+        proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
+                                 backend=self.backend)
         q = proj((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c.qkv_bias, name="q_proj")(x)
         k = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="k_proj")(x)
         v = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="v_proj")(x)
@@ -222,11 +227,13 @@ class GatedMLP(nn.Module):
 
     config: ModelConfig
     dtype: Dtype
+    backend: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size)
+        proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
+                                 backend=self.backend)
         gate = proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj")(x)
         up = proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")(x)
         return proj(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)

@@ -20,7 +20,7 @@ class LlamaDecoderLayer(DecoderLayer):
         h, kv = Attention(c, self.layer_idx, self.dtype, self.backend, name="self_attn")(
             RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=self.dtype, name="input_layernorm")(x), rope, kv, md)
         x = x + h
-        h = GatedMLP(c, self.dtype, name="mlp")(
+        h = GatedMLP(c, self.dtype, self.backend, name="mlp")(
             RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x))
         return x + h, kv
 

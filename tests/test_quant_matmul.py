@@ -1,0 +1,99 @@
+"""The weight-only quantized matmul (int8, int4): layouts round-trip, the Pallas GPU kernel in interpret mode on
+CPU against the float32 oracle on fresh random inputs (interpret mode fills outputs with NaN first, so an
+unwritten element fails), its lowering to CUDA (Triton constraints interpret mode lets through), and the
+model's dispatch giving the same layer output through the kernel and through XLA.
+
+Tolerances: float32 inputs 1e-5 relative to the largest output; bfloat16 inputs (the kernel multiplies bf16
+activations by exact integer weights, accumulating in float32; the oracle is float32 throughout) 1e-2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.quant_matmul import gpu, pack_half, pack_int4, quant_linear, quantize, reference, unpack_int4
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def make(m: int, k: int, n: int, bits: int, groups: int, dtype, seed: int):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
+    w = 0.05 * jax.random.normal(kw, (k, n), jnp.float32) + 0.01  # an offset: zeros matter for int4
+    half = pack_half(n) if bits == 4 else None
+    return x, w, half, quantize(w, bits, groups, half)
+
+
+@pytest.mark.parametrize("n", [2, 6, 64, 96, 256])
+def test_int4_packing_round_trip(n):
+    q = jax.random.randint(jax.random.key(n), (3, 5, n), 0, 16)
+    half = pack_half(n)
+    packed = pack_int4(q, half)
+    assert packed.shape == (3, 5, n // 2) and packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(unpack_int4(packed, half), q)
+    lo = np.asarray(packed[0, 0, :half]) & 15  # the first half-block's low nibbles: columns 0..half-1
+    np.testing.assert_array_equal(lo, np.asarray(q[0, 0, :half]))
+    with pytest.raises(ValueError, match="even"):
+        pack_half(7)
+
+
+@pytest.mark.parametrize("bits,groups", [(8, 1), (8, 8), (4, 2), (4, 8)])
+def test_quantize_within_half_a_step(bits, groups):
+    _, w, half, (q, scale, zero) = make(4, 256, 64, bits, groups, jnp.float32, seed=bits + groups)
+    deq = reference.dequantize(q, scale, zero, half)
+    step = jnp.repeat(scale, 256 // groups, axis=0)
+    assert bool(jnp.all(jnp.abs(deq - w) <= step / 2 * (1 + 1e-5) + 1e-7))
+
+
+@pytest.mark.parametrize("m,k,n,bits,groups,dtype,knobs", [
+    (1, 256, 128, 8, 1, jnp.bfloat16, {}),   # int8, one scale per channel, K split across programs
+    (5, 512, 96, 8, 16, jnp.float32, {}),    # int8 in GGUF Q8_0's 32-input groups, several groups per step
+    (16, 128, 64, 4, 1, jnp.float32, {}),    # int4 with one group: the zero through the row sums of x
+    (3, 256, 256, 4, 2, jnp.bfloat16, {}),   # int4 in groups of 128 (AWQ's), two column strips
+    (40, 256, 384, 4, 8, jnp.bfloat16, {}),  # int4 in groups of 32 (GGUF Q4), rows padded to 64
+    (2, 512, 512, 4, 4, jnp.float32, {"block_n": 256, "block_k": 256}),  # two packed pairs per strip
+    (2, 256, 512, 8, 1, jnp.float32, {"block_n": 512, "num_splits": 1}),
+])
+def test_kernel_matches_the_oracle(m, k, n, bits, groups, dtype, knobs):
+    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, dtype, seed=m * k + n)
+    got = gpu.quant_matmul(x, q, scale, zero, half=half, interpret=True, **knobs)
+    want = reference.quant_matmul(x, q, scale, zero, half)
+    assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    assert err < TOL[dtype], err
+
+
+def test_kernel_rejects_what_it_cannot_tile():
+    x, _, half, (q, scale, zero) = make(65, 128, 64, 4, 1, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        gpu.quant_matmul(x, q, scale, zero, half=half, interpret=True)
+    with pytest.raises(ValueError, match="packed"):
+        gpu.quant_matmul(x[:8], q, scale, zero, half=None, interpret=True)
+    assert not gpu.supported(65, 128, 64, 128, None) and gpu.supported(64, 128, 64, 128, None)
+
+
+@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 32)])
+def test_dispatch_kernel_and_xla_agree(bits, groups):
+    """The layer's two paths: the kernel (decode-sized batches on a GPU backend) and XLA's fused dequantize."""
+    x, _, half, (q, scale, zero) = make(8, 1024, 128, bits, groups, jnp.float32, seed=bits)
+    kernel = quant_linear(x, q, scale, zero, half, jnp.float32, "pallas-interpret")
+    xla = quant_linear(x, q, scale, zero, half, jnp.float32, "xla")
+    np.testing.assert_allclose(kernel, xla, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(xla))))
+
+
+@pytest.mark.parametrize("m,k,n,bits,groups", [(1, 4096, 4096, 8, 1), (8, 4096, 14336, 4, 32),
+                                               (64, 14336, 4096, 4, 112), (16, 4096, 1024, 8, 128)])
+def test_lowers_for_h100(m, k, n, bits, groups):
+    """Llama-3.1-8B's layer shapes lower to Triton for an H100."""
+    half = 64 if bits == 4 else None
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((k, n // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((k, n), jnp.int8)
+    s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        lowered = jax.jit(lambda x, w, s, z: gpu.quant_matmul(x, w, s, z, half=half)).trace(
+            x, w, s, s if bits == 4 else None).lower(lowering_platforms=("cuda",))
+    assert "quant_matmul" in lowered.as_text()
