@@ -3,6 +3,7 @@ time start-up to the first token, run `jaxllm bench serve` (ShareGPT-like reques
 request rate, then restart with the compile cache now warm and time start-up again.
 
     PYTHONPATH=. python benchmarks/serve_gpu.py [--model benchmarks/models/llama-3.1-8b] [--rates 4 16 32]
+    PYTHONPATH=. python benchmarks/serve_gpu.py --plot-from serve_gpu.json   # the PNG, where matplotlib is
 """
 
 from __future__ import annotations
@@ -64,7 +65,12 @@ def main() -> int:
     ap.add_argument("--num-kv-pages", type=int, default=16384)
     ap.add_argument("--vocab-size", type=int, default=128256)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--plot-from", default=None, metavar="SERVE_GPU.json", help="only draw a saved run's plot")
     args = ap.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot(json.load(f), args.plot_from.removesuffix(".json") + ".png")
+        return 0
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args), "rates": {}}
     proc, cold = start(args, os.path.join(args.out, "server_cold.log"))
     result["startup_cold_s"] = cold
@@ -86,7 +92,19 @@ def main() -> int:
     print(f"start-up to the first token, warm compile cache: {warm:.1f} s", flush=True)
     with open(os.path.join(args.out, "serve_gpu.json"), "w") as f:
         json.dump(result, f, indent=1)
+    plot(result, os.path.join(args.out, "serve_gpu.png"))
     return 0
+
+
+def plot(result: dict, path: str) -> None:
+    """Latency against the request rate (bench.plot_latency), where matplotlib is installed; elsewhere (the GPU
+    machine) `python benchmarks/serve_gpu.py --plot-from serve_gpu.json` draws it afterwards."""
+    runs = [{"request_rate": float(rate), **r} for rate, r in result["rates"].items()]
+    try:
+        bench.plot_latency(runs, path, f"jaxllm serve, 8B shape bf16, ShareGPT-like requests ({result['date']})")
+        print(f"saved {path}")
+    except ValueError as e:
+        print(f"no plot: {e}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`jaxllm bench latency | throughput | serve`: vLLM's benchmark commands, with their flags and definitions.
+"""`jaxllm bench latency | throughput | serve | perplexity`: vLLM's benchmark commands, with their flags and
+definitions, and a quality measure.
 
     latency     one batch of `--batch-size` prompts, `--input-len` in / `--output-len` out, timed whole and as
                 prefill only; per-token decode time, tokens/s, and the decode step's bytes (weights + KV) over
@@ -9,6 +10,9 @@
     serve       streams completions from a running OpenAI-compatible server at `--base-url`, Poisson arrivals
                 at `--request-rate` (inf: all at once) under `--max-concurrency`; TTFT, TPOT, ITL and end-to-end
                 latency (mean, median, p99) as vLLM defines them, and throughput.
+    perplexity  exp(mean negative log-likelihood per token) of a fixed English text (`--text`; default the
+                ~3,000-word essay shipped as jaxllm/data/perplexity.txt) under the model, from the engine's prompt
+                logprobs, in windows of `--context-len` tokens: to compare dtypes and `--quantization`.
 
 `--load-format dummy` times a model from its config.json alone (random weights made on the device).
 """
@@ -22,11 +26,14 @@ import math
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 DATASETS = ("random", "sharegpt-like")
+DEFAULT_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
+DEFAULT_CONTEXT_LEN = 1024
 
 
 def make_requests(name: str, num: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0
@@ -94,13 +101,15 @@ def _save(args: argparse.Namespace, result: dict, engine: bool = True) -> None:
         print(f"saved {args.save_result}")
 
 
-def latency(args: argparse.Namespace) -> dict:
+def time_decode(llm: Any, batch_size: int, input_len: int, output_len: int, num_iters: int = 5,
+                num_iters_warmup: int = 1, bandwidth: float | None = None) -> dict:
+    """One batch of `batch_size` random prompts, `input_len` in / `output_len` out (greedy, ignore_eos), timed
+    whole and as prefill only (medians of `num_iters` after warm-up): per-token decode time, and with the
+    device `bandwidth` (bytes/s) the decode step's floor (weights + KV bytes) and its share of the time."""
     from jaxllm import SamplingParams
 
-    bw = device_bandwidth()  # before the KV pool takes the memory
-    llm = _llm(args, max_num_seqs=max(args.batch_size, 1))
     cfg, dtype_bytes = llm.model.config, np.dtype(llm.model.dtype).itemsize
-    reqs = make_requests("random", args.batch_size, args.input_len, args.output_len, cfg.vocab_size)
+    reqs = make_requests("random", batch_size, input_len, output_len, cfg.vocab_size)
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
 
     def run(max_tokens: int) -> float:
@@ -108,26 +117,36 @@ def latency(args: argparse.Namespace) -> dict:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - t
 
-    for _ in range(args.num_iters_warmup):
-        run(args.output_len)
-    whole = [run(args.output_len) for _ in range(args.num_iters)]
-    prefill = [run(1) for _ in range(args.num_iters)]
+    for _ in range(num_iters_warmup):
+        run(output_len)
+    whole = [run(output_len) for _ in range(num_iters)]
+    prefill = [run(1) for _ in range(num_iters)]
     lat, pre = statistics.median(whole), statistics.median(prefill)
-    per_token = (lat - pre) / max(args.output_len - 1, 1)
+    per_token = (lat - pre) / max(output_len - 1, 1)
     weight_bytes = llm.model.num_bytes
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-    step_bytes = weight_bytes + args.batch_size * kv_per_token * (args.input_len + args.output_len / 2)
-    floor = step_bytes / bw
-    result = {"latency_s": lat, "latencies_s": whole, "prefill_s": pre, "decode_ms_per_token": per_token * 1e3,
-              "output_tok_per_s": args.batch_size * args.output_len / lat,
-              "decode_tok_per_s": args.batch_size / per_token, "bandwidth_TBps": bw / 1e12,
-              "weight_GB": weight_bytes / 1e9, "decode_floor_ms": floor * 1e3, "roofline_fraction": floor / per_token}
-    print(f"batch {args.batch_size}, {args.input_len} in / {args.output_len} out: latency {lat:.3f} s (median of "
-          f"{args.num_iters}; p90 {np.percentile(whole, 90):.3f} s), prefill {pre * 1e3:.1f} ms; decode "
-          f"{per_token * 1e3:.2f} ms/token = {args.batch_size / per_token:.1f} tok/s; floor {floor * 1e3:.2f} ms "
-          f"({weight_bytes / 1e9:.2f} GB weights + KV at {bw / 1e12:.2f} TB/s) -> {floor / per_token:.0%} of roofline")
-    _save(args, result)
+    step_bytes = weight_bytes + batch_size * kv_per_token * (input_len + output_len / 2)
+    result = {"batch_size": batch_size, "latency_s": lat, "latencies_s": whole, "latency_p90_s":
+              float(np.percentile(whole, 90)), "prefill_s": pre, "decode_ms_per_token": per_token * 1e3,
+              "output_tok_per_s": batch_size * output_len / lat, "decode_tok_per_s": batch_size / per_token,
+              "weight_GB": weight_bytes / 1e9}
+    if bandwidth:
+        floor = step_bytes / bandwidth
+        result.update(bandwidth_TBps=bandwidth / 1e12, decode_floor_ms=floor * 1e3, roofline_fraction=floor / per_token)
     return result
+
+
+def latency(args: argparse.Namespace) -> dict:
+    bw = device_bandwidth()  # before the KV pool takes the memory
+    llm = _llm(args, max_num_seqs=max(args.batch_size, 1))
+    r = time_decode(llm, args.batch_size, args.input_len, args.output_len, args.num_iters, args.num_iters_warmup, bw)
+    print(f"batch {args.batch_size}, {args.input_len} in / {args.output_len} out: latency {r['latency_s']:.3f} s "
+          f"(median of {args.num_iters}; p90 {r['latency_p90_s']:.3f} s), prefill {r['prefill_s'] * 1e3:.1f} ms; "
+          f"decode {r['decode_ms_per_token']:.2f} ms/token = {r['decode_tok_per_s']:.1f} tok/s; floor "
+          f"{r['decode_floor_ms']:.2f} ms ({r['weight_GB']:.2f} GB weights + KV at {bw / 1e12:.2f} TB/s) -> "
+          f"{r['roofline_fraction']:.0%} of roofline")
+    _save(args, r)
+    return r
 
 
 def throughput(args: argparse.Namespace) -> dict:
@@ -150,6 +169,71 @@ def throughput(args: argparse.Namespace) -> dict:
     print(f"{args.dataset_name}: {len(reqs)} requests, {n_in} prompt + {n_out} output tokens in {elapsed:.2f} s: "
           f"{len(reqs) / elapsed:.2f} requests/s, {(n_in + n_out) / elapsed:.0f} total tok/s, "
           f"{n_out / elapsed:.0f} output tok/s")
+    _save(args, result)
+    return result
+
+
+def _check_lengths(context_len: int, max_tokens: int | None) -> None:
+    """The window and token-count lower bounds, checked before any model loads."""
+    if context_len < 2:
+        raise ValueError(f"--context-len must be at least 2 (one token of context, one to score), got {context_len}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2 (the first token has no context to score it), "
+                         f"got {max_tokens}")
+
+
+def score_text(llm: Any, text: str, context_len: int, max_tokens: int | None = None) -> dict:
+    """Mean negative log-likelihood (nats/token) and perplexity of `text` under `llm`, from its prompt logprobs.
+
+    The text is tokenized as the tokenizer does by default (BOS if it adds one; no chat template) and cut to
+    `max_tokens`. Every token but the first is scored exactly once: the first window is tokens [0, context_len),
+    then each window slides by stride = context_len // 2 and scores only its last `stride` (new) tokens, so a
+    token past the first window sees between context_len - stride and context_len - 1 tokens of left context.
+    All windows go to the engine as one batch."""
+    from jaxllm import SamplingParams
+
+    _check_lengths(context_len, max_tokens)
+    limit = llm.max_model_len - 1  # a prompt leaves room for the one token the request generates
+    if context_len > limit:
+        raise ValueError(f"--context-len {context_len} does not fit this engine, whose prompts hold at most {limit} "
+                         "tokens; lower --context-len or raise --max-model-len")
+    ids = list(llm.get_tokenizer().encode(text))[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError(f"the text has {len(ids)} token(s); perplexity needs at least 2: give a longer --text")
+    stride = context_len // 2
+    windows = [(0, min(context_len, len(ids)), 1)]  # (begin, end, first scored position): scores [first, end)
+    while windows[-1][1] < len(ids):
+        end = min(windows[-1][1] + stride, len(ids))
+        windows.append((end - context_len, end, windows[-1][1]))
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": ids[b:e]} for b, e, _ in windows],
+                        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    # prompt_logprobs[j]: {token id: Logprob} for window position j (None at j = 0); the prompt's own token first.
+    nll = -sum(out.prompt_logprobs[p - b][ids[p]].logprob for (b, e, first), out in zip(windows, outs)
+               for p in range(first, e))
+    n = len(ids) - 1
+    return {"num_tokens": n, "num_windows": len(windows), "context_len": context_len, "stride": stride,
+            "nll": nll / n, "perplexity": math.exp(nll / n), "elapsed_s": elapsed, "tok_per_s": n / elapsed}
+
+
+def perplexity(args: argparse.Namespace) -> dict:
+    """`jaxllm bench perplexity`: score_text on `--text` (default: the shipped essay) with the model flags' engine."""
+    path = Path(args.text) if args.text else DEFAULT_TEXT
+    if not path.is_file():
+        raise ValueError(f"--text {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"--text {path} is empty; give a file with the text to score")
+    _check_lengths(DEFAULT_CONTEXT_LEN if args.context_len is None else args.context_len, args.max_tokens)
+    llm = _llm(args, max_num_seqs=args.max_num_seqs)
+    context_len = min(DEFAULT_CONTEXT_LEN, llm.max_model_len - 1) if args.context_len is None else args.context_len
+    result = {"text": str(path), **score_text(llm, text, context_len, args.max_tokens)}
+    windows = result["num_windows"]
+    print(f"{path.name}: {result['num_tokens']} tokens scored in {windows} window{'s' * (windows != 1)} of "
+          f"{context_len} (stride {result['stride']}): NLL {result['nll']:.4f} nats/token, "
+          f"perplexity {result['perplexity']:.3f} "
+          f"in {result['elapsed_s']:.2f} s ({result['tok_per_s']:.0f} tok/s)")
     _save(args, result)
     return result
 
@@ -233,14 +317,52 @@ async def _serve_async(args: argparse.Namespace) -> dict:
 
 
 def serve(args: argparse.Namespace) -> dict:
-    result = asyncio.run(_serve_async(args))
+    """One run of `--num-prompts` requests per `--request-rate`, in order; `--plot` draws latency against load."""
+    runs = []
+    for rate in args.request_rate:
+        if len(args.request_rate) > 1:
+            print(f"--- request rate {rate} req/s")
+        runs.append({"request_rate": rate, **asyncio.run(_serve_async(argparse.Namespace(**{**vars(args),
+                                                                                            "request_rate": rate})))})
+    result = runs[0] if len(runs) == 1 else {"runs": runs}
+    if args.plot:
+        plot_latency(runs, args.plot)
+        print(f"saved {args.plot}")
     _save(args, result, engine=False)
     return result
 
 
+def plot_latency(runs: list[dict], path: str, title: str = "") -> None:
+    """PNG of TTFT, TPOT and end-to-end latency (median and p99) against the offered request rate (all at once,
+    inf, is drawn at 1.5x the largest finite rate)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib (or jaxllm[bench])") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["request_rate"] for r in runs if math.isfinite(r["request_rate"])]
+    xs = [r["request_rate"] if math.isfinite(r["request_rate"]) else 1.5 * max(finite, default=1) for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, label) in zip(axes, [("ttft_ms", "time to first token"), ("tpot_ms", "time per output token"),
+                                       ("e2el_ms", "end-to-end latency")]):
+        for stat, style in (("median", "o-"), ("p99", "s--")):
+            ax.plot(xs, [r[key][stat] for r in runs], style, label=stat)
+        ax.set(title=label, xlabel="request rate (req/s)", ylabel="ms")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def add_parser(sub: Any, add_model_args: Any) -> None:
-    """`jaxllm bench {latency,throughput,serve}` with vLLM's flag names."""
-    b = sub.add_parser("bench", help="benchmark latency, offline throughput or a running server (vLLM's flags)")
+    """`jaxllm bench {latency,throughput,serve}` with vLLM's flag names, and `jaxllm bench perplexity`."""
+    b = sub.add_parser("bench", help="benchmark latency, offline throughput or a running server (vLLM's flags), "
+                                     "or measure perplexity on a fixed text")
     bsub = b.add_subparsers(dest="bench_command", required=True)
 
     def common(p: argparse.ArgumentParser, engine: bool) -> None:
@@ -274,6 +396,22 @@ def add_parser(sub: Any, add_model_args: Any) -> None:
     srv.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
     srv.add_argument("--num-prompts", type=int, default=200)
     srv.add_argument("--dataset-name", default="sharegpt-like", choices=DATASETS)
-    srv.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: inf)")
+    srv.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
+                     help="requests/s, Poisson (default: inf, all at once); several values run in turn")
     srv.add_argument("--max-concurrency", type=int, default=None)
+    srv.add_argument("--plot", default=None, metavar="FILE.png",
+                     help="draw TTFT, TPOT and end-to-end latency against the request rate (needs matplotlib)")
     srv.set_defaults(func=serve)
+
+    ppl = bsub.add_parser("perplexity", help="perplexity of a fixed English text (to compare dtypes, quantization)")
+    add_model_args(ppl)
+    ppl.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ppl.add_argument("--max-num-seqs", type=int, default=4, help="windows scored in one step")
+    ppl.add_argument("--text", default=None, metavar="FILE",
+                     help="UTF-8 text to score (default: jaxllm/data/perplexity.txt, ~3,000 words of English)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
+    ppl.add_argument("--context-len", type=int, default=None,
+                     help=f"window length in tokens; windows slide by half of it (default: {DEFAULT_CONTEXT_LEN}, "
+                          "or the model's maximum if smaller)")
+    ppl.add_argument("--save-result", default=None, metavar="FILE.json")
+    ppl.set_defaults(func=perplexity)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import socket
 import threading
 import time
@@ -346,7 +348,7 @@ def test_tokenize_detokenize_version(server, tiny_tokenizer):
     assert httpx.get(base + "/version").json()["version"]
 
 
-def test_bench_serve_against_the_server(server):
+def test_bench_serve_against_the_server(server, tmp_path):
     """`jaxllm bench serve` (its client and metrics) over loopback: every request completes with every token
     asked for; the latency figures are consistent with each other (smoke test, nothing timed is asserted)."""
     import argparse
@@ -361,6 +363,16 @@ def test_bench_serve_against_the_server(server):
     assert (result["completed"], result["failed"]) == (10, 0), result["errors"]
     assert result["output_throughput"] * result["elapsed_s"] == pytest.approx(60)
     assert 0 < result["ttft_ms"]["median"] <= result["e2el_ms"]["median"] and result["tpot_ms"]["mean"] > 0
+    # The command: two request rates in turn, their results saved and drawn against the rate.
+    from jaxllm.cli import main
+
+    out, png = tmp_path / "serve.json", tmp_path / "latency.png"
+    assert main(["bench", "serve", "--base-url", server[0], "--api-key", KEY, "--vocab-size", str(VOCAB),
+                 "--num-prompts", "4", "--dataset-name", "random", "--input-len", "8", "--output-len", "3",
+                 "--request-rate", "40", "inf", "--save-result", str(out), "--plot", str(png)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["request_rate"] for r in runs] == [40, math.inf] and all(r["completed"] == 4 for r in runs)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     args.api_key = None
     with pytest.raises(ValueError, match="HTTP 401.*--api-key"):
         asyncio.run(bench._serve_async(args))

@@ -1,0 +1,148 @@
+"""Issue 7 on one GPU: the quantized matmul kernel on Llama-3.1-8B's layer shapes, then batch-1 and batch-64
+decode of the 8B shape in bf16, int8 and int4 (random weights quantized at load), all in one process.
+
+    PYTHONPATH=. python benchmarks/quant_h100.py [--out DIR] [--skip-engine]
+
+1. bandwidth: jaxllm.bench.device_bandwidth (2 GiB in-place elementwise).
+2. kernel: for each layer shape [K, N] and batch M, a jitted chain of matmuls over enough distinct weight
+   copies (> 1 GiB) that nothing stays in L2; wall time per matmul (median of 5) for: bf16 dense, XLA's
+   dequantize-in-fusion path, the Pallas kernel at its default knobs and at a few others; each checked
+   against the float32 oracle first. GB/s counts the stored weight + scale bytes.
+3. engine: bench.time_decode at batch 1 (128 in / 256 out) and batch 64 (128 / 128) per quantization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jaxllm import LLM, bench
+from pallas_kernels.quant_matmul import gpu, pack_half, quant_linear, quantize, reference
+
+SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (4096, 1024), "gate/up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+KNOBS = [{}, {"block_n": 256}, {"block_n": 512}, {"block_n": 256, "block_k": 256}, {"block_n": 256, "num_stages": 4},
+         {"block_n": 256, "num_warps": 8}, {"block_n": 512, "num_warps": 8}, {"block_n": 1024, "num_warps": 8}]
+
+
+def chain_time(fn, xs, weights: list, reps: int = 5) -> float:
+    """Seconds per matmul: one jitted call applies fn(x, *w) for every weight copy in turn."""
+    @jax.jit
+    def many(x, ws):  # every output kept whole, so XLA cannot shrink a matmul to the part that is used
+        return jnp.stack([fn(x, *w).astype(jnp.bfloat16) for w in ws])
+
+    jax.block_until_ready(many(xs, weights))
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(many(xs, weights))
+        samples.append((time.perf_counter() - t) / len(weights))
+    return statistics.median(samples)
+
+
+def kernel_table(bw: float, batches: list[int], smoke: bool) -> list[dict]:
+    rows = []
+    key = jax.random.key(0)
+    budget = (1 << 30) if not smoke else (1 << 20)
+    for name, (k, n) in SHAPES.items():
+        if smoke:  # CPU: the script's own check, small shapes through the interpreter
+            k, n = k // 16, n // 16
+        w = 0.02 * jax.random.normal(key, (k, n), jnp.float32)
+        for bits, group in [(8, k), (4, 128)]:
+            groups = k // group
+            half = pack_half(n) if bits == 4 else None
+            stored = quantize(w, bits, groups, half)
+            zero = stored[2]
+            wbytes = sum(a.nbytes for a in stored if a is not None)
+            copies = max(2, int(budget // wbytes))
+            qcopies = [tuple(a + 0 if a is not None else None for a in stored) for _ in range(copies)]
+            dense_copies = [(w.astype(jnp.bfloat16) + 0,) for _ in range(max(2, int(budget // (2 * k * n))))]
+            for m in batches:
+                x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.float32).astype(jnp.bfloat16)
+                want = reference.quant_matmul(x, *stored[:2], zero, half)
+                got = gpu.quant_matmul(x, *stored[:2], zero, half=half, interpret=smoke)
+                err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                row = {"shape": name, "K": k, "N": n, "bits": bits, "group": group, "M": m, "rel_err": err,
+                       "weight_MB": wbytes / 1e6}
+                row["bf16_us"] = chain_time(lambda x, d: jnp.dot(x, d), x, dense_copies) * 1e6
+                row["xla_us"] = chain_time(lambda x, q, s, z: quant_linear(x, q, s, z, half, jnp.bfloat16, "xla"),
+                                           x, qcopies) * 1e6
+                for knobs in KNOBS:
+                    label = "kernel" + "".join(f" {a}={b}" for a, b in knobs.items())
+                    try:
+                        t = chain_time(lambda x, q, s, z, kn=knobs: gpu.quant_matmul(
+                            x, q, s, z, half=half, interpret=smoke, **kn), x, qcopies)
+                        row[label + "_us"] = t * 1e6
+                    except Exception as e:  # a knob the shape cannot take: recorded, not fatal
+                        row[label + "_us"] = None
+                        print(f"    {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                best = min((v, k_) for k_, v in row.items() if k_.startswith("kernel") and v)
+                row["best"] = best[1]
+                row["kernel_TBps"] = wbytes / (row["kernel_us"] * 1e-6) / 1e12
+                row["kernel_of_bw"] = row["kernel_TBps"] * 1e12 / bw
+                row["bf16_of_bw"] = 2 * k * n / (row["bf16_us"] * 1e-6) / bw
+                rows.append(row)
+                print(f"{name:13s} int{bits} g{group:5d} M={m:3d} err {err:.1e} | bf16 {row['bf16_us']:7.1f} us "
+                      f"({row['bf16_of_bw']:.0%}) | xla {row['xla_us']:7.1f} | kernel {row['kernel_us']:7.1f} "
+                      f"({row['kernel_of_bw']:.0%} of bw) | best {best[1]} {best[0]:.1f}", flush=True)
+            del qcopies, dense_copies
+            gc.collect()
+    return rows
+
+
+def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
+    rows = []
+    for quant in [None, "int8", "int4"]:
+        t = time.perf_counter()
+        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, max_num_seqs=64,
+                  num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048, enable_prefix_caching=False,
+                  warmup=False)
+        load = time.perf_counter() - t
+        for batch, in_len, out_len in [(1, 128, 256), (64, 128, 128)]:
+            r = bench.time_decode(llm, batch, in_len, out_len, num_iters=3, bandwidth=bw)
+            r.update(quantization=quant or "bf16", load_s=load)
+            rows.append(r)
+            print(f"{quant or 'bf16':5s} batch {batch:3d}: decode {r['decode_ms_per_token']:.2f} ms/step = "
+                  f"{r['decode_tok_per_s']:.0f} tok/s, weights {r['weight_GB']:.2f} GB, floor "
+                  f"{r['decode_floor_ms']:.2f} ms -> {r['roofline_fraction']:.0%} of its roofline "
+                  f"(load {load:.0f} s)", flush=True)
+        del llm
+        gc.collect()
+    base = {r["batch_size"]: r["decode_tok_per_s"] for r in rows if r["quantization"] == "bf16"}
+    for r in rows:
+        r["speedup_vs_bf16"] = r["decode_tok_per_s"] / base[r["batch_size"]]
+        print(f"{r['quantization']:5s} batch {r['batch_size']:3d}: {r['speedup_vs_bf16']:.2f}x bf16", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="benchmarks/models/llama-3.1-8b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a CPU check of the script: small shapes, interpreted, no engine")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    bw = bench.device_bandwidth()
+    res["bandwidth_TBps"] = bw / 1e12
+    print(f"{res['device']}, jax {res['jax']}, {res['date']}: bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    if not args.skip_kernel:
+        res["kernel"] = kernel_table(bw, args.batches, args.smoke)
+    if not args.skip_engine and not args.smoke:
+        res["engine"] = engine_table(args, bw)
+    with open(os.path.join(args.out, "quant_h100.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
