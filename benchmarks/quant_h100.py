@@ -46,11 +46,12 @@ def chain_time(fn, xs, weights: list, reps: int = 5) -> float:
     return statistics.median(samples)
 
 
-def kernel_table(bw: float, batches: list[int], smoke: bool) -> list[dict]:
+def kernel_table(bw: float, batches: list[int], smoke: bool, shapes: list[str], knobs_list: list[dict]) -> list[dict]:
     rows = []
     key = jax.random.key(0)
     budget = (1 << 30) if not smoke else (1 << 20)
-    for name, (k, n) in SHAPES.items():
+    for name in shapes:
+        k, n = SHAPES[name]
         if smoke:  # CPU: the script's own check, small shapes through the interpreter
             k, n = k // 16, n // 16
         w = 0.02 * jax.random.normal(key, (k, n), jnp.float32)
@@ -73,7 +74,7 @@ def kernel_table(bw: float, batches: list[int], smoke: bool) -> list[dict]:
                 row["bf16_us"] = chain_time(lambda x, d: jnp.dot(x, d), x, dense_copies) * 1e6
                 row["xla_us"] = chain_time(lambda x, q, s, z: quant_linear(x, q, s, z, half, jnp.bfloat16, "xla"),
                                            x, qcopies) * 1e6
-                for knobs in KNOBS:
+                for knobs in knobs_list:
                     label = "kernel" + "".join(f" {a}={b}" for a, b in knobs.items())
                     try:
                         t = chain_time(lambda x, q, s, z, kn=knobs: gpu.quant_matmul(
@@ -125,6 +126,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="benchmarks/models/llama-3.1-8b")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--knobs", default=None, help="JSON list of kernel knob settings to time (default: KNOBS)")
+    ap.add_argument("--engine-first", action="store_true", help="the model runs before the kernel table")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--smoke", action="store_true",
@@ -135,12 +139,18 @@ def main() -> int:
     bw = bench.device_bandwidth()
     res["bandwidth_TBps"] = bw / 1e12
     print(f"{res['device']}, jax {res['jax']}, {res['date']}: bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    if not args.skip_kernel:
-        res["kernel"] = kernel_table(bw, args.batches, args.smoke)
-    if not args.skip_engine and not args.smoke:
-        res["engine"] = engine_table(args, bw)
-    with open(os.path.join(args.out, "quant_h100.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    knobs = json.loads(args.knobs) if args.knobs else KNOBS
+
+    def save():  # after each part: a run cut short keeps what it measured
+        with open(os.path.join(args.out, "quant_h100.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+    parts = [("kernel", not args.skip_kernel, lambda: kernel_table(bw, args.batches, args.smoke, args.shapes, knobs)),
+             ("engine", not args.skip_engine and not args.smoke, lambda: engine_table(args, bw))]
+    for name, wanted, run in (parts[::-1] if args.engine_first else parts):
+        if wanted:
+            res[name] = run()
+            save()
     return 0
 
 
