@@ -25,6 +25,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.paged_attention import gpu, reference, tpu, xla
+from pallas_kernels.paged_attention.reference import quantize_kv
 
 BACKENDS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "pallas-interpret", "pallas-tpu-interpret")
 _PLATFORM_KERNEL = {"gpu": "pallas-gpu", "tpu": "pallas-tpu", "cpu": "pallas-interpret"}
@@ -49,10 +50,14 @@ class AttentionMetadata:
 
 
 class KVPages(NamedTuple):
-    """One layer's KV cache, k and v in the backend's layout (see the module docstring)."""
+    """One layer's KV cache, k and v in the backend's layout (see the module docstring). With
+    kv_cache_dtype="int8" the pages hold int8 and k_scale, v_scale one float32 scale per token and KV head:
+    [num_pages, page_size, kv_heads] (jnp versions) or [kv_heads, num_pages, page_size] (kernels)."""
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
 
 def resolve_backend(requested: str, platform: str) -> str:
@@ -81,17 +86,42 @@ def kv_pages_spec(backend: str) -> PartitionSpec:
     return PartitionSpec(None, None, "model", None) if backend in ("reference", "xla") else PartitionSpec("model")
 
 
-def kv_cache_sharding(backend: str, mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, kv_pages_spec(backend))
+def kv_scales_shape(backend: str, num_pages: int, page_size: int, num_kv_heads: int) -> tuple:
+    """int8 KV: one scale per token and KV head, laid out like the pages without head_dim."""
+    return kv_pages_shape(backend, num_pages, page_size, num_kv_heads, 1)[:-1]
+
+
+def kv_scales_spec(backend: str) -> PartitionSpec:
+    return PartitionSpec(None, None, "model") if backend in ("reference", "xla") else PartitionSpec("model")
+
+
+def kv_specs(backend: str, quantized: bool) -> KVPages:
+    """One layer's PartitionSpecs, as a KVPages."""
+    pages = kv_pages_spec(backend)
+    scales = kv_scales_spec(backend) if quantized else None
+    return KVPages(pages, pages, scales, scales)
+
+
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
 
 
 def allocate_kv_pages(backend: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-                      head_dim: int, dtype, mesh: Mesh | None = None) -> list[KVPages]:
-    """Zero-filled page pools, one per layer, created directly on the device (or its shards)."""
-    shape = kv_pages_shape(backend, num_pages, page_size, num_kv_heads, head_dim)
-    sharding = kv_cache_sharding(backend, mesh) if mesh is not None else None
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return [KVPages(zeros(), zeros()) for _ in range(num_layers)]
+                      head_dim: int, dtype, mesh: Mesh | None = None, kv_cache_dtype: str = "auto") -> list[KVPages]:
+    """Zero-filled page pools, one per layer, created directly on the device (or its shards); with
+    kv_cache_dtype "int8" the pages are int8 and each layer has its K and V scales."""
+    quantized = kv_cache_dtype == "int8"
+    pages = kv_pages_shape(backend, num_pages, page_size, num_kv_heads, head_dim)
+    specs = kv_specs(backend, quantized)
+
+    def make(shape, dt, spec):
+        return jax.jit(lambda: jnp.zeros(shape, dt),
+                       out_shardings=NamedSharding(mesh, spec) if mesh is not None else None)
+
+    page = make(pages, jnp.int8 if quantized else dtype, specs.k)
+    if not quantized:
+        return [KVPages(page(), page()) for _ in range(num_layers)]
+    scale = make(kv_scales_shape(backend, num_pages, page_size, num_kv_heads), jnp.float32, specs.k_scale)
+    return [KVPages(page(), page(), scale(), scale()) for _ in range(num_layers)]
 
 
 def paged_attention(
@@ -117,9 +147,9 @@ def paged_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or dict(mesh.shape).get("model", 1) == 1:
         return attend(q, k, v, kv, md)
-    heads, pages = PartitionSpec(None, "model", None), kv_pages_spec(backend)
-    return jax.shard_map(attend, in_specs=(heads, heads, heads, KVPages(pages, pages), PartitionSpec()),
-                         out_specs=(heads, KVPages(pages, pages)), check_vma=False)(q, k, v, kv, md)
+    heads, specs = PartitionSpec(None, "model", None), kv_specs(backend, kv.k_scale is not None)
+    return jax.shard_map(attend, in_specs=(heads, heads, heads, specs, PartitionSpec()),
+                         out_specs=(heads, specs), check_vma=False)(q, k, v, kv, md)
 
 
 def _paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KVPages, md: AttentionMetadata, *, scale: float,
@@ -129,8 +159,19 @@ def _paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KVPages, md: 
     else:  # both kernels use the kv-heads-first layout and its scatter
         impl = tpu if backend.startswith("pallas-tpu") else gpu
         write, extra = gpu.write_kv, {"interpret": backend.endswith("interpret")}
-    k_pages, v_pages = write(kv.k, kv.v, k, v, md.slot_mapping)
-    out = impl.ragged_paged_attention(q, k_pages, v_pages, md.block_tables, md.seq_lens, md.query_start_loc,
+    if kv.k_scale is None:
+        k_pages, v_pages = write(kv.k, kv.v, k, v, md.slot_mapping)
+        new = KVPages(k_pages, v_pages)
+    else:  # int8 pages: each new token's K and V quantized per KV head, its scales written beside it
+        if impl is tpu:
+            raise NotImplementedError("kv_cache_dtype='int8' is not implemented in the Pallas TPU kernel yet; "
+                                      "use kv_cache_dtype='auto'")
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+        k_pages, v_pages = write(kv.k, kv.v, kq, vq, md.slot_mapping)
+        k_scale, v_scale = write(kv.k_scale[..., None], kv.v_scale[..., None], ks, vs, md.slot_mapping)
+        new = KVPages(k_pages, v_pages, k_scale[..., 0], v_scale[..., 0])
+        extra = {**extra, "k_scale": new.k_scale, "v_scale": new.v_scale}
+    out = impl.ragged_paged_attention(q, new.k, new.v, md.block_tables, md.seq_lens, md.query_start_loc,
                                       max_query_len=md.max_query_len, scale=scale, sliding_window=sliding_window,
                                       soft_cap=soft_cap, **extra)
-    return out, KVPages(k_pages, v_pages)
+    return out, new

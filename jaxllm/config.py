@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxllm.attention import BACKENDS
+from jaxllm.attention import BACKENDS, KV_CACHE_DTYPES
 
 # architectures name -> model family (one file per family under jaxllm/models/).
 ARCHITECTURES: dict[str, str] = {
@@ -82,19 +82,18 @@ class RopeConfig:
         return cls(**kwargs)
 
 
-# Weight-only, quantized at load: int8 with one scale per output channel; int4 with one scale per group of
-# (up to) 128 inputs per output channel.
-QUANTIZATIONS = ("int8", "int4")
-PLANNED_QUANTIZATIONS = ("awq", "gguf")
+# Weight-only quantization, load_model's `quantization`: "int8" (one scale per output channel) and "int4" (a
+# scale and zero per group of up to 128 inputs) quantize the float weights at load; "awq" (a Hugging Face AWQ
+# checkpoint, found from its config.json when None) and "gguf" (a GGUF file's Q4_0/Q4_1/Q8_0 blocks) keep the
+# checkpoint's own quantized weights. LAYER_QUANTIZATIONS: how the linear layers hold them (the latter two load
+# into int4 / int8).
+QUANTIZATIONS = ("int8", "int4", "awq", "gguf")
+LAYER_QUANTIZATIONS = ("int8", "int4")
 
 
 def check_quantization(quantization: str | None) -> None:
-    if quantization is None or quantization in QUANTIZATIONS:
-        return
-    if quantization in PLANNED_QUANTIZATIONS:
-        raise ConfigError(f"quantization={quantization!r} is not implemented yet; available: "
-                          f"{', '.join(QUANTIZATIONS)} (or None)")
-    raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, got {quantization!r}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, got {quantization!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +126,7 @@ class ModelConfig:
     bos_token_id: int | None
     checkpoint_dtype: str  # the dtype the weights were stored in ("bfloat16", "float32", ...)
     hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-    quantization: str | None = None  # how the linear layers hold their weights (QUANTIZATIONS); None: as loaded
+    quantization: str | None = None  # how the linear layers hold their weights (LAYER_QUANTIZATIONS); None: float
     quant_group_size: int | None = None  # inputs per scale; None: int8 per channel, int4 128 (GGUF sources: 32)
 
     def __post_init__(self) -> None:
@@ -138,7 +137,9 @@ class ModelConfig:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
         if len(self.sliding_windows) != self.num_layers or len(self.ropes) != self.num_layers:
             raise ConfigError("layer_types must name one attention type per layer")
-        check_quantization(self.quantization)
+        if self.quantization not in (None, *LAYER_QUANTIZATIONS):
+            raise ConfigError(f"ModelConfig.quantization must be one of {', '.join(LAYER_QUANTIZATIONS)} or None, "
+                              f"got {self.quantization!r}")
 
     @property
     def norm_plus_one(self) -> bool:
@@ -267,6 +268,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # or "priority" (lower value first, then arrival)
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 pages, a float32 scale per token and head
     seed: int = 0  # seeds the per-request seeds of requests that give none
     async_scheduling: bool = True  # launch step N+1 before processing step N's output on the host
     warmup: bool | None = None  # compile every step shape at start-up; None: JAXLLM_WARMUP (default on)
@@ -278,6 +280,8 @@ class EngineConfig:
             self.attention_backend = env_backend
         if self.warmup is None:
             self.warmup = os.environ.get("JAXLLM_WARMUP", "1").lower() not in ("0", "false", "no")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")

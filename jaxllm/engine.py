@@ -392,7 +392,8 @@ class LLM:
     memory_utilization / gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, tensor_parallel_size, seed, attention_backend, ...) are keyword arguments;
     load_format="dummy" (vLLM's) makes random weights from the config alone, for benchmarks;
-    quantization="int8" / "int4" keeps the linear layers' weights quantized (done at load).
+    quantization="int8" / "int4" keeps the linear layers' weights quantized (done at load);
+    kv_cache_dtype="int8" stores the KV cache in int8 with a scale per token and KV head (half the bytes).
     """
 
     def __init__(self, model: str | Path | None = None, **kwargs: Any) -> None:

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from jaxllm.config import ConfigError, EngineConfig, ModelConfig
 
 
-def bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
-    """K and V of one page across all layers."""
-    return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+def bytes_per_page(config: ModelConfig, page_size: int, dtype, kv_cache_dtype: str = "auto") -> int:
+    """K and V of one page across all layers (int8: a byte per value and a float32 scale per token and head)."""
+    per_head = config.head_dim + 4 if kv_cache_dtype == "int8" else config.head_dim * jnp.dtype(dtype).itemsize
+    return 2 * config.num_layers * page_size * config.num_kv_heads * per_head
 
 
 def num_pages_for(config: ModelConfig, engine: EngineConfig, dtype, device: jax.Device, reserved_bytes: int = 0) -> int:
@@ -32,7 +33,7 @@ def num_pages_for(config: ModelConfig, engine: EngineConfig, dtype, device: jax.
     `reserved_bytes` (the sampler's state, activations)."""
     if engine.num_kv_pages is not None:
         return engine.num_kv_pages
-    per_page = bytes_per_page(config, engine.page_size, dtype)
+    per_page = bytes_per_page(config, engine.page_size, dtype, engine.kv_cache_dtype)
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return max(1, engine.cpu_kv_cache_bytes // per_page)

@@ -67,8 +67,10 @@ def gguf_name(hf_name: str, arch: str) -> str:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path,
-               qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
-    """Write `model` (a transformers model) to `out`; 2-D weights in `qtype`, everything else F32."""
+               qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+               part_qtypes: dict[str, gguf.GGMLQuantizationType] | None = None) -> Path:
+    """Write `model` (a transformers model) to `out`; 2-D weights in `qtype`, or in the type `part_qtypes` gives
+    their llama.cpp name part (e.g. {"ffn_down": Q8_0}); everything else F32."""
     cfg = model.config
     arch = ARCH[cfg.model_type]
     w = gguf.GGUFWriter(str(out), arch)
@@ -124,10 +126,12 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path,
             data = permute(data, heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1.0
-        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gguf_name(name, arch), gguf.quantize(data, qtype), raw_dtype=qtype)
+        out_name = gguf_name(name, arch)
+        tensor_qtype = (part_qtypes or {}).get(out_name.split(".")[-2], qtype)
+        if data.ndim == 2 and tensor_qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(out_name, gguf.quantize(data, tensor_qtype), raw_dtype=tensor_qtype)
         else:
-            w.add_tensor(gguf_name(name, arch), np.ascontiguousarray(data, np.float32))
+            w.add_tensor(out_name, np.ascontiguousarray(data, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

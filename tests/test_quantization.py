@@ -10,6 +10,7 @@ float model again (logprobs within 1e-3).
 
 from __future__ import annotations
 
+import gguf
 import jax
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.config import ConfigError
 from pallas_kernels import quant_matmul
 from pallas_kernels.quant_matmul import dequantize, pack_half
+from tests.gguf_writer import write_gguf
 from tests.test_engine import mixed_prompts
 
 KNOBS = dict(dtype="float32", num_kv_pages=96, page_size=8, max_num_seqs=8, max_num_batched_tokens=64, warmup=False)
@@ -93,7 +95,9 @@ def test_gguf_q4_requantized_to_int4_is_lossless():
     assert worst < 1e-3, worst
 
 
-@pytest.mark.parametrize("value,message", [("int3", "must be one of int8, int4"), ("awq", "not implemented yet")])
+@pytest.mark.parametrize("value,message", [("int3", "must be one of int8, int4, awq, gguf"),
+                                           ("awq", "is not one: pass None, 'int8' or 'int4'"),
+                                           ("gguf", "is not a GGUF file: pass None, 'int8' or 'int4'")])
 def test_bad_quantization_is_a_clear_error(tiny_model, value, message):
     path, _ = tiny_model("llama2")
     with pytest.raises(ConfigError, match=message):
@@ -122,3 +126,90 @@ def test_decode_through_the_gpu_kernel(tiny_model, kind, monkeypatch):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             (ta, va), = la.items()
             assert abs(va.logprob - lb[ta].logprob) < 1e-4
+
+
+# quantization="gguf": the linear layers' Q4_0 / Q4_1 / Q8_0 blocks loaded as stored, into int4 / int8 with
+# groups of 32; checked against gguf.dequantize of the same tensors (exactly) and the float model's logprobs.
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tmp_path_factory):
+    """tiny_gguf(qtype, **part_qtypes) -> the tiny Llama 3.1 written as a GGUF file of those types."""
+    src, model = tiny_model("llama3.1")
+    root = tmp_path_factory.mktemp("gguf_blocks")
+
+    def get(qtype, **part_qtypes):
+        out = root / ("-".join([qtype.name, *(f"{k}_{t.name}" for k, t in part_qtypes.items())]) + ".gguf")
+        return out if out.exists() else write_gguf(model, src, out, qtype, part_qtypes)
+
+    return get
+
+
+def stored_weight(params, i: int, name: str) -> np.ndarray:
+    """A quantized layer's weight [K, N] dequantized from our layout (int8, or int4 with its zero)."""
+    got = {k: np.asarray(v) for k, v in layer(params, i, name).items()}
+    groups, *out = got["scale"].shape
+    n, int4 = int(np.prod(out)), got["kernel"].dtype == np.uint8
+    zero, half = (got["zero"].reshape(groups, n), pack_half(out[-1])) if int4 else (None, None)
+    return np.asarray(dequantize(got["kernel"].reshape(-1, n // 2 if int4 else n), got["scale"].reshape(groups, n),
+                                 zero, half))
+
+
+def assert_same_logprobs(a: LLM, b: LLM, prompts: list[list[int]], tol: float) -> None:
+    """The same greedy tokens, and prompt logprobs within `tol`."""
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in prompts]
+    outputs = (m.generate(prompts, params, use_tqdm=False) for m in (a, b))
+    for p, x, y in zip(prompts, *outputs):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for t, lx, ly in zip(p["prompt_token_ids"][1:], x.prompt_logprobs[1:], y.prompt_logprobs[1:]):
+            assert abs(lx[t].logprob - ly[t].logprob) < tol
+
+
+@pytest.mark.parametrize("qtype,parts,kind", [(Q.Q4_0, {}, "int4"), (Q.Q8_0, {}, "int8"),
+                                             (Q.Q4_0, {"ffn_down": Q.Q4_1}, "int4")],
+                         ids=["Q4_0", "Q8_0", "Q4_0+Q4_1"])
+def test_gguf_blocks_are_kept(tiny_gguf, qtype, parts, kind):
+    """Q4_0 -> int4 (scale d, zero -8d), Q4_1 -> int4 (scale d, zero m), Q8_0 -> int8 (scale d): each weight
+    exactly what gguf.dequantize makes of it (the float model's, Q/K rows unpermuted alike); logprobs the float
+    model's."""
+    path = str(tiny_gguf(qtype, **parts))
+    f, g = LLM(path, **KNOBS), LLM(path, quantization="gguf", **KNOBS)
+    assert f.model.config.quantization is None  # None keeps loading GGUF files as float
+    assert g.model.quantization == "gguf"
+    assert (g.model.config.quantization, g.model.config.quant_group_size) == (kind, 32)
+    for i in range(2):
+        for name in PROJECTIONS:
+            deq = stored_weight(g.model.params, i, name)
+            np.testing.assert_array_equal(deq, np.asarray(layer(f.model.params, i, name)["kernel"]).reshape(deq.shape),
+                                          err_msg=name)
+    embedding = g.model.params["embed_tokens"]["embedding"]  # not a linear layer: float, as dequantized before
+    np.testing.assert_array_equal(embedding, f.model.params["embed_tokens"]["embedding"])
+    assert_same_logprobs(f, g, [p for p in mixed_prompts(6, seed=9) if len(p) > 1], 1e-4)
+
+
+def test_smollm2_q4_1_blocks_are_the_int4_requantization():
+    """The embedded SmolLM2 (Q4_1 linear layers, a Q8_0 embedding) with its blocks kept is the int4
+    requantization again: the same kernels and zeros, its scales (recomputed in float32 as (max - min) / 15)
+    within an ulp of the stored fp16 d, the same logprobs. (Q4_1 against gguf.dequantize: test_gguf_blocks_are_kept.)"""
+    g = LLM(None, quantization="gguf", warmup=False, max_num_seqs=2)
+    q = LLM(None, quantization="int4", warmup=False, max_num_seqs=2)
+    assert (g.model.config.quantization, g.model.config.quant_group_size) == ("int4", 32)
+    requantized = dict(jax.tree_util.tree_flatten_with_path(q.model.params)[0])
+    for path, x in jax.tree_util.tree_flatten_with_path(g.model.params)[0]:
+        x, y = np.asarray(x), np.asarray(requantized[path])
+        assert x.dtype == y.dtype and x.shape == y.shape
+        if path[-1].key == "scale" and path[-2].key.endswith("_proj"):
+            np.testing.assert_allclose(x, y, rtol=1.2e-7, atol=0)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    assert_same_logprobs(g, q, [list(range(300, 340))], 1e-4)
+
+
+@pytest.mark.parametrize("qtype,parts,found", [(Q.Q4_0, {"ffn_down": Q.Q8_0}, "Q4_0, Q8_0"), (Q.F32, {}, "F32"),
+                                               (Q.Q8_0, {"attn_v": Q.Q5_0}, "Q5_0, Q8_0")])
+def test_gguf_of_mixed_or_other_types_is_a_clear_error(tiny_gguf, qtype, parts, found):
+    with pytest.raises(ConfigError, match=f"linear layers are {found}: pass quantization='int4' or 'int8'"):
+        LLM(str(tiny_gguf(qtype, **parts)), quantization="gguf", **KNOBS)

@@ -11,13 +11,14 @@ import pytest
 
 
 def test_tensor_parallel_equals_one_device(tiny_model):
-    """Through the CPU path (xla) and the GPU kernel in interpret mode (pallas), both under shard_map."""
+    """Through the CPU path (xla), the GPU kernel in interpret mode (pallas), both under shard_map, and with int4
+    weights and an int8 KV cache."""
     path, _ = tiny_model("llama3.1")
     proc = subprocess.run([sys.executable, "-m", "tests.tp_check", str(path)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    for backend in ("xla", "pallas"):
+    for backend in ("xla", "pallas", "xla-quantized"):
         one, two = results[backend]["1"], results[backend]["2"]
         assert [r["ids"] for r in two] == [r["ids"] for r in one], backend
         for a, b in zip(one, two):

@@ -16,7 +16,12 @@ import jax  # noqa: E402
 from jaxllm import LLM, SamplingParams  # noqa: E402
 
 
-def run(path: str, backend: str) -> dict:
+CONFIGS = {"xla": {"attention_backend": "xla"}, "pallas": {"attention_backend": "pallas"},
+           # int4 weights (packed along sharded output dims) and an int8 KV cache with its sharded scales
+           "xla-quantized": {"attention_backend": "xla", "quantization": "int4", "kv_cache_dtype": "int8"}}
+
+
+def run(path: str, config: dict) -> dict:
     assert len(jax.devices()) == 2
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 300 + 3 for j in range(n)]} for i, n in enumerate((5, 17, 40))]
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3),
@@ -25,7 +30,7 @@ def run(path: str, backend: str) -> dict:
     result = {}
     for tp in (1, 2):
         llm = LLM(path, dtype="float32", num_kv_pages=32, page_size=8, max_num_seqs=4, max_num_batched_tokens=64,
-                  tensor_parallel_size=tp, attention_backend=backend)
+                  tensor_parallel_size=tp, **config)
         if tp == 2:
             k = llm.llm_engine.runner.kv_caches[0].k
             assert len(k.sharding.device_set) == 2 and k.addressable_shards[0].data.shape != k.shape
@@ -37,4 +42,4 @@ def run(path: str, backend: str) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps({backend: run(sys.argv[1], backend) for backend in ("xla", "pallas")}))
+    print("RESULT " + json.dumps({name: run(sys.argv[1], config) for name, config in CONFIGS.items()}))

@@ -74,7 +74,7 @@ class QuantDense(nn.Module):
         in_shape = x.shape[-n_in:]
         num_in, num_out = math.prod(in_shape), math.prod(out)
         groups = num_in // quant_group_size(num_in, self.bits, self.group_size)
-        group_names = self.names[:1] + self.names[n_in:]
+        group_names = (None,) + self.names[n_in:]  # groups replicated: a layer may have one, and scales are small
         if self.bits == 8:
             half, stored = None, ((*in_shape, *out), jnp.int8)
         else:

@@ -22,8 +22,9 @@ from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype,
 from jaxllm.models import CausalLM, abstract_params, build_model, dummy_params, quantize_params
 from jaxllm.sharding import check_tensor_parallel, make_mesh, param_shardings
 from jaxllm.tokenizer import generation_eos_ids, has_hf_tokenizer, load_hf_tokenizer, synthetic_tokenizer
+from jaxllm.weights.awq import awq_group_size, awq_tensors
 from jaxllm.weights.checkpoint import read_marker, restore_params, save_checkpoint
-from jaxllm.weights.gguf import GGUFModel
+from jaxllm.weights.gguf import BLOCK_SIZE, GGUFModel
 from jaxllm.weights.hub import ModelSource, resolve_model
 from jaxllm.weights.mapping import ParamTreeBuilder
 from jaxllm.weights.safetensors import iter_safetensors
@@ -39,6 +40,7 @@ class LoadedModel:
     tokenizer: Any
     source: ModelSource
     mesh: Mesh
+    quantization: str | None = None  # as asked for, or "awq" when found; config.quantization: how layers hold it
 
     @property
     def dtype(self) -> Any:
@@ -58,7 +60,9 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
                load_format: str = "auto", quantization: str | None = None) -> LoadedModel:
     """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`.
 
-    quantization "int8" / "int4" stores the linear layers' weights quantized (models.quantize_params).
+    quantization "int8" / "int4" stores the linear layers' weights quantized (models.quantize_params);
+    "awq" (an AWQ checkpoint, also taken when None) and "gguf" (a GGUF file of Q4_0/Q4_1 or Q8_0 linear layers)
+    keep the checkpoint's own quantized weights, as int4 / int8 in groups of its own size.
     load_format "dummy" reads only the config (a directory with just config.json will do) and makes random
     weights on the devices, for benchmarks; without a tokenizer there it gets a synthetic one of the
     model's vocabulary size.
@@ -85,7 +89,12 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         config = dataclasses.replace(config, ropes=ropes)
 
     check_tensor_parallel(config, mesh.shape["model"])
-    module = build_model(config, resolve_dtype(dtype, config, platform), resolve_backend(attention_backend, platform))
+    awq_group = awq_group_size(hf_config)  # None unless config.json describes an AWQ checkpoint
+    quantization = _check_source_quantization(quantization, source, awq_group)
+    quantized = _quantized_config(config, quantization, gguf, awq_group) if quantization else None
+    keep = quantization in ("awq", "gguf") and load_format != "dummy"  # built quantized, reads them as stored
+    module = build_model(quantized if keep else config, resolve_dtype(dtype, config, platform),
+                         resolve_backend(attention_backend, platform))
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
     if load_format == "dummy":
@@ -93,20 +102,22 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     elif source.kind == "jaxllm":
         params = restore_params(source.path, nn.unbox(abstract), shardings)
     else:
-        builder = ParamTreeBuilder(config, abstract, shardings, module.dtype, str(source.path))
-        tensors = (gguf.tensors(config.num_heads, config.num_kv_heads) if gguf is not None
-                   else iter_safetensors(source.path))
+        builder = ParamTreeBuilder(module.config, abstract, shardings, module.dtype, str(source.path))
+        if gguf is not None:
+            tensors = gguf.tensors(config.num_heads, config.num_kv_heads, keep_blocks=keep)
+        else:
+            tensors = iter_safetensors(source.path)
+            if quantization == "awq":
+                tensors = awq_tensors(tensors, str(source.path))
         for name, tensor in tensors:
             builder.add(name, tensor)
         params = builder.build()
 
-    if quantization is not None:  # weights loaded as they are, then quantized on the devices
-        group = 32 if gguf is not None else config.quant_group_size  # GGUF's Q4/Q8 blocks are 32 inputs
-        module = build_model(dataclasses.replace(config, quantization=quantization, quant_group_size=group),
-                             module.dtype, module.backend)
+    if quantization is not None and not keep:  # weights loaded as floats, then quantized on the devices
+        module = build_model(quantized, module.dtype, module.backend)
         abstract = abstract_params(module)
         params = quantize_params(params, nn.unbox(abstract), param_shardings(abstract, mesh))
-        config = module.config
+    config = module.config
 
     if tokenizer is not None:
         tok = load_hf_tokenizer(tokenizer)
@@ -118,7 +129,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         tok = synthetic_tokenizer(config.vocab_size, config.eos_token_ids)
     else:
         tok = load_hf_tokenizer(source.path)
-    return LoadedModel(config, module, params, tok, source, mesh)
+    return LoadedModel(config, module, params, tok, source, mesh, quantization)
 
 
 def convert_checkpoint(src: str | Path | None, dst: str | Path, *, dtype: Any = "bfloat16") -> LoadedModel:
@@ -129,6 +140,34 @@ def convert_checkpoint(src: str | Path | None, dst: str | Path, *, dtype: Any = 
     save_checkpoint(Path(dst), loaded.params, c.hf_config, loaded.tokenizer, dtype=loaded.dtype,
                     eos_token_ids=c.eos_token_ids, rope_freq_factors=list(freq_factors) if freq_factors else None)
     return loaded
+
+
+def _quantized_config(config: ModelConfig, quantization: str, gguf: GGUFModel | None,
+                      awq_group: int | None) -> ModelConfig:
+    """`config` with how its linear layers hold their weights, and in groups of how many inputs."""
+    if quantization == "awq":
+        return dataclasses.replace(config, quantization="int4", quant_group_size=awq_group)
+    if quantization == "gguf":
+        return dataclasses.replace(config, quantization=gguf.block_quantization(), quant_group_size=BLOCK_SIZE)
+    group = BLOCK_SIZE if gguf is not None else config.quant_group_size  # GGUF: requantized exactly in its blocks
+    return dataclasses.replace(config, quantization=quantization, quant_group_size=group)
+
+
+def _check_source_quantization(quantization: str | None, source: ModelSource, awq_group: int | None) -> str | None:
+    """The quantization to load `source` with: "awq" for an AWQ checkpoint (None asks for it too); a clear
+    ConfigError where the asked one does not fit the checkpoint."""
+    if awq_group is not None:
+        if quantization not in (None, "awq"):
+            raise ConfigError(f"{source.path} is an AWQ checkpoint (4-bit, groups of {awq_group} inputs), which "
+                              f"cannot be requantized to {quantization!r}: pass quantization='awq' or None")
+        return "awq"
+    if quantization == "awq":
+        raise ConfigError(f"quantization='awq' reads an AWQ checkpoint (config.json's quantization_config with "
+                          f"quant_method 'awq'); {source.path} is not one: pass None, 'int8' or 'int4'")
+    if quantization == "gguf" and source.kind != "gguf":
+        raise ConfigError(f"quantization='gguf' keeps a GGUF file's quantized blocks; {source.path} is not a GGUF "
+                          "file: pass None, 'int8' or 'int4'")
+    return quantization
 
 
 def _read_hf_config(model_dir: Path) -> Any:

@@ -1,6 +1,11 @@
 """GGUF files (llama.cpp's format): config, tokenizer and chat template from the metadata; tensors
 dequantized with the `gguf` package and renamed to Hugging Face names, undoing what llama.cpp's
 converter changed (the Q/K row permutation of Llama, the +1 on Gemma's norm weights).
+
+With quantization="gguf" the linear layers' Q4_0 / Q4_1 / Q8_0 blocks are kept instead (`QuantizedWeight`s):
+each row of a weight [out, in] is blocks of 32 inputs, an fp16 scale d (Q4_1: and an fp16 minimum m) before
+their values; Q4_0 w = (q - 8) * d, Q4_1 w = q * d + m (q 0..15, byte j of a block holding value j in its low
+nibble and value j + 16 in its high one), Q8_0 w = q * d (q int8).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.config import ModelLoadError
+from jaxllm.config import ConfigError, ModelLoadError
+from jaxllm.weights.mapping import QuantizedWeight
 
 # GGUF general.architecture -> (transformers model_type, architectures entry)
 GGUF_ARCHITECTURES = {
@@ -58,6 +64,10 @@ _TENSOR_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# GGML block types that quantization="gguf" keeps -> how the linear layers then hold them
+BLOCK_TYPES = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+BLOCK_SIZE = 32  # inputs per block (a group of our layout) of each of BLOCK_TYPES
 
 
 class GGUFModel:
@@ -154,22 +164,41 @@ class GGUFModel:
         return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=md.get("tokenizer.chat_template"),
                                        add_bos_token=bool(add_bos), add_eos_token=False, **special)
 
-    def tensors(self, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (Hugging Face name, float32 array [out, in]) one tensor at a time."""
+    def block_quantization(self) -> str:
+        """"int4" (Q4_0 / Q4_1) or "int8" (Q8_0): how quantization="gguf" holds this file's linear layers, which
+        must all be of one of those kinds (the model has one quantization); otherwise a ConfigError."""
+        types = sorted({t.tensor_type.name for t in self.reader.tensors if _is_linear(t.name)})
+        kinds = {BLOCK_TYPES.get(t) for t in types}
+        if len(kinds) != 1 or None in kinds:
+            raise ConfigError(f"{self.path}: quantization='gguf' keeps Q4_0/Q4_1 (as int4) or Q8_0 (as int8) blocks, "
+                              f"one kind for every linear layer, but this file's linear layers are "
+                              f"{', '.join(types)}: pass quantization='int4' or 'int8' (requantized at load) or "
+                              "None (float)")
+        return kinds.pop()
+
+    def tensors(self, num_heads: int, num_kv_heads: int, keep_blocks: bool = False
+                ) -> Iterator[tuple[str, np.ndarray | QuantizedWeight]]:
+        """Yield (Hugging Face name, float32 array [out, in]) one tensor at a time; with `keep_blocks`, the
+        linear layers' weights as QuantizedWeights of their blocks (block_quantization() says which kind)."""
         import gguf
 
         for t in self.reader.tensors:
             name = self.hf_name(t.name)
             if name is None:
                 continue
-            try:
-                w = gguf.dequantize(t.data, t.tensor_type)
-            except NotImplementedError as e:
-                raise ModelLoadError(f"{self.path}: tensor {t.name} has quant type {t.tensor_type.name}, which the "
-                                     "gguf package cannot dequantize") from e
-            w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            if keep_blocks and _is_linear(t.name):
+                w = ggml_blocks(np.asarray(t.data), t.tensor_type)
+            else:
+                try:
+                    w = gguf.dequantize(t.data, t.tensor_type)
+                except NotImplementedError as e:
+                    raise ModelLoadError(f"{self.path}: tensor {t.name} has quant type {t.tensor_type.name}, which "
+                                         "the gguf package cannot dequantize") from e
+                w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
             if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-                w = unpermute_qk(w, num_heads if "q_proj" in name else num_kv_heads)
+                n_head = num_heads if "q_proj" in name else num_kv_heads
+                w = (w.map_rows(lambda x: unpermute_qk(x, n_head)) if isinstance(w, QuantizedWeight)
+                     else unpermute_qk(w, n_head))
             if self.arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
                 w = w - 1.0
             yield name, w
@@ -192,6 +221,30 @@ class GGUFModel:
         if base not in _TENSOR_NAMES:
             raise ModelLoadError(f"{self.path}: unexpected tensor {gguf_name!r} for architecture {self.arch}")
         return f"{_TENSOR_NAMES[base]}.{kind}"
+
+
+def _is_linear(gguf_name: str) -> bool:
+    m = _BLOCK.match(gguf_name)
+    return m is not None and m.group(2) in _LINEAR and m.group(3) == "weight"
+
+
+def ggml_blocks(data: np.ndarray, qtype: Any) -> QuantizedWeight:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's bytes, uint8 [out, in // 32 * block bytes], -> its QuantizedWeight [out, in]
+    with one group per block, read as stored (the float weight is never made). `qtype`: a GGMLQuantizationType."""
+    import gguf
+
+    if qtype.name not in BLOCK_TYPES:
+        raise ConfigError(f"{qtype.name} blocks cannot be kept; quantization='gguf' keeps {', '.join(BLOCK_TYPES)}")
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, gguf.GGML_QUANT_SIZES[qtype][1])  # [out, in // 32, block bytes]
+    fields = 2 if qtype.name == "Q4_1" else 1  # fp16 d (Q4_1: d, m) before each block's values
+    head = np.ascontiguousarray(blocks[..., :2 * fields]).view(np.float16).astype(np.float32)  # [out, in // 32, fields]
+    d = head[..., 0]  # [out, in // 32]
+    values = blocks[..., 2 * fields:]  # Q8_0: [out, in // 32, 32] int8; Q4: [out, in // 32, 16] nibble pairs
+    if qtype.name == "Q8_0":
+        return QuantizedWeight(values.view(np.int8).reshape(rows, -1), d)
+    q = np.concatenate([values & 15, values >> 4], axis=-1).reshape(rows, -1)  # [out, in] uint8: low nibbles first
+    return QuantizedWeight(q, d, head[..., 1] if qtype.name == "Q4_1" else -8 * d)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -57,7 +57,8 @@ def softmax_init(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Ar
 
 
 def online_softmax_update(acc, m, l, scores: list, values: list, dot_pv: Callable):
-    """Fold blocks of masked scores [rows, width_i] and their values [width_i, head_dim] into the state."""
+    """Fold blocks of masked scores [rows, width_i] and their values into the state: dot_pv(p [rows, width_i]
+    float32, values[i]) -> [rows, head_dim] (values[i] is whatever the caller's dot_pv reads)."""
     m_new = m
     for s in scores:
         m_new = jnp.maximum(m_new, s.max(axis=1, keepdims=True))
@@ -66,7 +67,7 @@ def online_softmax_update(acc, m, l, scores: list, values: list, dot_pv: Callabl
     for s, v in zip(scores, values):
         p = jnp.exp(s - m_new)
         l = l + p.sum(axis=1, keepdims=True)
-        acc = acc + dot_pv(p.astype(v.dtype), v)
+        acc = acc + dot_pv(p, v)
     return acc, m_new, l
 
 

@@ -62,8 +62,11 @@ def _pow2(n: int) -> int:
 
 def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables_ref,  # int32
             q_ref, k_ref, v_ref,  # q: [tokens, heads, head_dim]; k, v: [num_pages, page_size, head_dim] (one kv head)
-            *out_refs, group: int, group_pad: int, tile_tokens: int, pages_per_block: int, num_splits: int,
-            scale: float, sliding_window: int | None, soft_cap: float | None, precision, gather_pages: bool):
+            *refs, group: int, group_pad: int, tile_tokens: int, pages_per_block: int, num_splits: int,
+            scale: float, sliding_window: int | None, soft_cap: float | None, precision, gather_pages: bool,
+            quantized: bool):
+    # int8 pages: ks_ref, vs_ref [num_pages, page_size] float32 (one kv head) come before the outputs.
+    (ks_ref, vs_ref), out_refs = (refs[:2], refs[2:]) if quantized else ((None, None), refs)
     tile, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
     block_k = pages_per_block * page_size
@@ -99,22 +102,38 @@ def _kernel(tile_seq_ref, tile_q0_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref,
         return block_tables_ref[seq, pl.ds(jnp.minimum(b, last_block) * pages_per_block, pages_per_block)]
 
     def load_pages(pages):
-        """K and V of a block, one contiguous [page_size, head_dim] load per page, all issued at once."""
+        """K and V of a block, one contiguous [page_size, head_dim] load per page, all issued at once (int8:
+        with the page's [1, page_size] scales)."""
         lane = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
         idx = [jnp.sum(jnp.where(lane == i, pages, 0)) for i in range(pages_per_block)]
-        return [k_ref[p] for p in idx], [v_ref[p] for p in idx]
+        if not quantized:
+            return [k_ref[p] for p in idx], [v_ref[p] for p in idx]
+        return ([(k_ref[p], ks_ref[pl.ds(p, 1), :]) for p in idx],
+                [(v_ref[p], vs_ref[pl.ds(p, 1), :]) for p in idx])
+
+    def raw_scores(k):  # q . k [rows, width]; int8 keys as exact integers, times each key's scale
+        if not quantized:
+            return dot(q, k, 1)
+        return dot(q, k[0].astype(q.dtype), 1) * k[1]
+
+    def dot_pv(p, v):  # p [rows, width] float32 . v; int8 values: p times each value's scale first
+        if not quantized:
+            return dot(p.astype(v.dtype), v, 0)
+        return dot((p * v[1]).astype(q.dtype), v[0].astype(q.dtype), 0)
 
     def update(b, acc, m, l, ks, vs):
         """Online-softmax step over block b, given as per-page lists (or one gathered block)."""
-        width = ks[0].shape[0]  # page_size per page, or block_k for one gathered block
-        s = [scores(dot(q, k, 1), b * block_k + i * width) for i, k in enumerate(ks)]
-        return online_softmax_update(acc, m, l, s, vs, lambda p, v: dot(p, v, 0))
+        width = block_k if gather_pages else page_size
+        s = [scores(raw_scores(k), b * block_k + i * width) for i, k in enumerate(ks)]
+        return online_softmax_update(acc, m, l, s, vs, dot_pv)
 
     init = softmax_init(rows, head_dim)
     if gather_pages:  # one gather of the block's pages: k, v [block_k, head_dim]
         def body(b, carry):
             pages = table_block(b)
             k, v = (ref[pages].reshape(block_k, head_dim) for ref in (k_ref, v_ref))
+            if quantized:
+                k, v = (k, ks_ref[pages].reshape(1, block_k)), (v, vs_ref[pages].reshape(1, block_k))
             return update(b, *carry, [k], [v])
         acc, m, l = jax.lax.fori_loop(start, stop, body, init)
     else:  # the next block's page indices load while this block's K/V load and compute
@@ -142,12 +161,14 @@ def ragged_paged_attention(
     query_start_loc: jax.Array, *, max_query_len: int, scale: float, sliding_window: int | None = None,
     soft_cap: float | None = None, block_q: int | None = None, pages_per_block: int | None = None,
     num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-    gather_pages: bool | None = None, interpret: bool = False,
+    gather_pages: bool | None = None, interpret: bool = False, k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Same contract as reference.ragged_paged_attention, pages in this backend's layout.
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]; rows of padding tokens
     (past query_start_loc[-1]) are left unspecified. Tuning knobs default from the shapes (`choose_params`).
+    int8 pages come with k_scale, v_scale [num_kv_heads, num_pages, page_size] float32.
     """
     num_tokens, num_heads, head_dim = q.shape
     kvh, _, page_size, _ = k_pages.shape
@@ -171,9 +192,11 @@ def ragged_paged_attention(
     kernel = functools.partial(
         _kernel, group=group, group_pad=group_pad, tile_tokens=tile_tokens, pages_per_block=ppb,
         num_splits=splits, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, gather_pages=gather_pages,
-        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, quantized=k_scale is not None)
     whole = pl.BlockSpec()  # the whole array; the program indexes it
     page_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda t, h, s: (h, 0, 0, 0))
+    scales = [] if k_scale is None else [k_scale, v_scale]
+    scale_spec = pl.BlockSpec((None, *k_pages.shape[1:3]), lambda t, h, s: (h, 0, 0))
     rows = tile_tokens * group_pad
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct(q_in.shape, q.dtype)]
@@ -187,13 +210,13 @@ def ragged_paged_attention(
     outs = pl.pallas_call(
         kernel,
         grid=(num_tiles, kvh, splits),
-        in_specs=[whole] * 7 + [page_spec, page_spec],
+        in_specs=[whole] * 7 + [page_spec, page_spec] + [scale_spec] * len(scales),
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or p["num_warps"], num_stages=num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_bq{block_q}_ppb{ppb}_s{splits}",
-    )(seq, q0, nq, pos0, seq_lens, block_tables, q_in, k_pages, v_pages)
+    )(seq, q0, nq, pos0, seq_lens, block_tables, q_in, k_pages, v_pages, *scales)
     if splits > 1:
         return _combine(*outs, q0, nq, group, group_pad, tile_tokens, num_tokens).astype(q.dtype)
     return outs[0][:num_tokens, :num_heads]

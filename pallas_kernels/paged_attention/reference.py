@@ -32,6 +32,15 @@ def write_kv(
         num_pages, page_size, num_kv_heads, head_dim)
 
 
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int8 KV cache: x [num_tokens, num_kv_heads, head_dim] -> (int8 values, float32 scales
+    [num_tokens, num_kv_heads, 1]), symmetric per token and head (max |x| -> 127)."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -44,6 +53,8 @@ def ragged_paged_attention(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention of ragged queries over paged keys/values.
 
@@ -51,7 +62,8 @@ def ragged_paged_attention(
     query_start_loc: [num_seqs + 1]; `max_query_len` (static) bounds any sequence's query count.
     A query at position p attends to keys j <= p, and with a sliding window only to j > p - sliding_window
     (Hugging Face's convention). Returns [num_tokens, num_heads, head_dim] in q's dtype; tokens past
-    `query_start_loc[-1]` (padding) get zeros.
+    `query_start_loc[-1]` (padding) get zeros. int8 pages come with k_scale, v_scale [num_pages, page_size,
+    num_kv_heads]: a key is its int8 values times its scale.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
@@ -68,6 +80,9 @@ def ragged_paged_attention(
     # Each sequence's keys/values in order: [num_seqs, max_kv_len, num_kv_heads, head_dim].
     ks = k_pages[block_tables].reshape(num_seqs, max_kv_len, num_kv_heads, head_dim).astype(jnp.float32)
     vs = v_pages[block_tables].reshape(num_seqs, max_kv_len, num_kv_heads, head_dim).astype(jnp.float32)
+    if k_scale is not None:
+        ks = ks * k_scale[block_tables].reshape(num_seqs, max_kv_len, num_kv_heads, 1)
+        vs = vs * v_scale[block_tables].reshape(num_seqs, max_kv_len, num_kv_heads, 1)
 
     scores = jnp.einsum("sqkgd,sjkd->skgqj", qs, ks) * scale  # [num_seqs, kv_heads, group, max_q, max_kv]
     if soft_cap is not None:

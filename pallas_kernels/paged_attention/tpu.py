@@ -80,7 +80,7 @@ def _kernel(tile_seq_ref, tile_nq_ref, tile_pos0_ref, seq_lens_ref, block_tables
         s = masked_scores(s, b * block_k, q_pos, kv_len, scale=scale, soft_cap=soft_cap,
                           sliding_window=sliding_window)
         return online_softmax_update(acc, m, l, [s], [v], lambda p, v_: jax.lax.dot_general(
-            p, v_, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+            p.astype(v_.dtype), v_, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
 
     acc, _, l = jax.lax.fori_loop(start, stop, body, softmax_init(rows, head_dim))
     o_ref[...] = normalize(acc, l).reshape(group, block_q, head_dim).astype(o_ref.dtype)

@@ -35,9 +35,12 @@ def ragged_paged_attention(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     block_k: int = 128,
 ) -> jax.Array:
-    """Same contract as reference.ragged_paged_attention: q [num_tokens, num_heads, head_dim] -> same shape."""
+    """Same contract as reference.ragged_paged_attention: q [num_tokens, num_heads, head_dim] -> same shape
+    (int8 pages with their scales [num_pages, page_size, kv_heads] too)."""
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, kvh, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
@@ -69,6 +72,9 @@ def ragged_paged_attention(
             tables[tile_seq], jnp.minimum(b, num_blocks - 1))
         k = k_pages[pages].reshape(num_tiles, block_k, kvh, head_dim).astype(jnp.float32)
         v = v_pages[pages].reshape(num_tiles, block_k, kvh, head_dim).astype(jnp.float32)
+        if k_scale is not None:
+            k = k * k_scale[pages].reshape(num_tiles, block_k, kvh, 1)
+            v = v * v_scale[pages].reshape(num_tiles, block_k, kvh, 1)
         s = jnp.einsum("tqkgd,tjkd->tkgqj", qs, k)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
