@@ -53,6 +53,22 @@ def smollm_llm():
 
 
 @pytest.fixture(scope="session")
+def smollm_quantized():
+    """smollm_quantized(kind) -> the embedded model loaded with quantization=kind ("int8", "int4", "gguf"),
+    once per session per kind (float32 activations, a 64-page pool)."""
+    from jaxllm import LLM
+
+    cache: dict = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = LLM(quantization=kind, num_kv_pages=64, max_num_seqs=4, max_num_batched_tokens=512)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm_hf(smollm_path):
     """transformers' float32 import of the same GGUF, and its tokenizer: the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

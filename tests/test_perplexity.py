@@ -18,21 +18,19 @@ import numpy as np
 import pytest
 import torch
 
-from jaxllm import LLM, bench
+from jaxllm import bench
 from jaxllm.cli import main
 
 MAX_TOKENS = 512  # of the shipped text (3494 in all), scored in one window of CONTEXT_LEN
 CONTEXT_LEN = 512
 # The bar: a quantized model's perplexity within this fraction of the float model's.
 THRESHOLDS = {"int8": 0.01, "int4": 0.05}
-KNOBS = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=512, num_kv_pages=CONTEXT_LEN // 16 + 1,
-             warmup=False)  # 33 pages of 16: one window of CONTEXT_LEN + the generated token
 SHIPPED = bench.DEFAULT_TEXT.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
-def float_llm():
-    return LLM(None, **KNOBS)
+def float_llm(smollm_llm):
+    return smollm_llm  # the session's float32 SmolLM2 (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +39,8 @@ def float_result(float_llm):
 
 
 @pytest.fixture(scope="module", params=sorted(THRESHOLDS))
-def quantized_llm(request):
-    return request.param, LLM(None, quantization=request.param, **KNOBS)
+def quantized_llm(request, smollm_quantized):
+    return request.param, smollm_quantized(request.param)
 
 
 def hf_perplexity(model, ids: list[int], context_len: int) -> float:

@@ -83,18 +83,6 @@ def test_outputs_close_to_the_float_model(pair):
         assert same >= 0.9 * sum(len(x.outputs[0].token_ids) for x in a)
 
 
-def test_gguf_q4_requantized_to_int4_is_lossless():
-    """The embedded SmolLM2 is a Q4_1 GGUF (blocks of 32 inputs, a scale and a minimum each): int4 at load
-    uses the same blocks, so its weights and logprobs are the float model's."""
-    text = [{"prompt_token_ids": list(range(300, 340))}]
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    f, q = LLM(None, warmup=False, max_num_seqs=2), LLM(None, quantization="int4", warmup=False, max_num_seqs=2)
-    assert q.model.params["layers_0"]["mlp"]["down_proj"]["scale"].shape == (1536 // 32, 576)
-    a, b = (m.generate(text, params, use_tqdm=False)[0].prompt_logprobs[1:] for m in (f, q))
-    worst = max(abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob) for x, y in zip(a, b))
-    assert worst < 1e-3, worst
-
-
 @pytest.mark.parametrize("value,message", [("int3", "must be one of int8, int4, awq, gguf"),
                                            ("awq", "is not one: pass None, 'int8' or 'int4'"),
                                            ("gguf", "is not a GGUF file: pass None, 'int8' or 'int4'")])
@@ -190,13 +178,16 @@ def test_gguf_blocks_are_kept(tiny_gguf, qtype, parts, kind):
     assert_same_logprobs(f, g, [p for p in mixed_prompts(6, seed=9) if len(p) > 1], 1e-4)
 
 
-def test_smollm2_q4_1_blocks_are_the_int4_requantization():
-    """The embedded SmolLM2 (Q4_1 linear layers, a Q8_0 embedding) with its blocks kept is the int4
-    requantization again: the same kernels and zeros, its scales (recomputed in float32 as (max - min) / 15)
-    within an ulp of the stored fp16 d, the same logprobs. (Q4_1 against gguf.dequantize: test_gguf_blocks_are_kept.)"""
-    g = LLM(None, quantization="gguf", warmup=False, max_num_seqs=2)
-    q = LLM(None, quantization="int4", warmup=False, max_num_seqs=2)
+def test_smollm2_q4_1_blocks_are_the_int4_requantization(smollm_llm, smollm_quantized):
+    """The embedded SmolLM2 is a Q4_1 GGUF (blocks of 32 inputs, a scale and a minimum each; a Q8_0
+    embedding). int4 at load uses the same blocks, so its logprobs are the float model's; with the blocks kept
+    ("gguf") it is the int4 requantization again: the same kernels and zeros, its scales (recomputed in float32
+    as (max - min) / 15) within an ulp of the stored fp16 d. (Q4_1 against gguf.dequantize:
+    test_gguf_blocks_are_kept.)"""
+    g, q = smollm_quantized("gguf"), smollm_quantized("int4")
     assert (g.model.config.quantization, g.model.config.quant_group_size) == ("int4", 32)
+    assert q.model.params["layers_0"]["mlp"]["down_proj"]["scale"].shape == (1536 // 32, 576)
+    assert_same_logprobs(smollm_llm, q, [list(range(300, 340))], 1e-3)
     requantized = dict(jax.tree_util.tree_flatten_with_path(q.model.params)[0])
     for path, x in jax.tree_util.tree_flatten_with_path(g.model.params)[0]:
         x, y = np.asarray(x), np.asarray(requantized[path])
