@@ -163,9 +163,6 @@ def _paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KVPages, md: 
         k_pages, v_pages = write(kv.k, kv.v, k, v, md.slot_mapping)
         new = KVPages(k_pages, v_pages)
     else:  # int8 pages: each new token's K and V quantized per KV head, its scales written beside it
-        if impl is tpu:
-            raise NotImplementedError("kv_cache_dtype='int8' is not implemented in the Pallas TPU kernel yet; "
-                                      "use kv_cache_dtype='auto'")
         (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
         k_pages, v_pages = write(kv.k, kv.v, kq, vq, md.slot_mapping)
         k_scale, v_scale = write(kv.k_scale[..., None], kv.v_scale[..., None], ks, vs, md.slot_mapping)

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm import sampler
 from jaxllm.attention import AttentionMetadata, KVPages, allocate_kv_pages
-from jaxllm.config import ConfigError, EngineConfig
+from jaxllm.config import EngineConfig
 from jaxllm.kv_cache import num_pages_for
 from jaxllm.sampler import Logprobs, SamplerState, SamplingTensors
 from jaxllm.weights import LoadedModel
@@ -187,9 +187,6 @@ class ModelRunner:
             raise ValueError(f"max_model_len={self.max_model_len} needs {math.ceil(self.max_model_len / self.page_size)}"
                              f" KV pages but the pool has {self.num_pages}; lower max_model_len or raise num_kv_pages")
         self.max_pages_per_seq = math.ceil(self.max_model_len / self.page_size)
-        if engine.kv_cache_dtype == "int8" and loaded.module.backend.startswith("pallas-tpu"):
-            raise ConfigError("kv_cache_dtype='int8' is not implemented in the Pallas TPU kernel yet; use "
-                              "kv_cache_dtype='auto' (or attention_backend='reference')")
         self.kv_caches: list[KVPages] = allocate_kv_pages(
             loaded.module.backend, c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim,
             loaded.dtype, loaded.mesh, engine.kv_cache_dtype)

@@ -19,7 +19,7 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import ConfigError
-from pallas_kernels.paged_attention import gpu, reference, xla
+from pallas_kernels.paged_attention import gpu, reference, tpu, xla
 from pallas_kernels.paged_attention.reference import quantize_kv
 from tests.attention_cases import make_case
 from tests.test_engine import mixed_prompts
@@ -52,7 +52,7 @@ def int8_case(seed: int, page_size: int, group: int, decode_only: bool):
     return case, q, pages, scales, dequant
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "gpu"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "gpu", "tpu"])
 @pytest.mark.parametrize("decode_only", [True, False])
 def test_attention_on_int8_pages(impl, decode_only):
     page_size, group = (8, 4) if decode_only else (16, 3)
@@ -60,8 +60,8 @@ def test_attention_on_int8_pages(impl, decode_only):
     kw = dict(max_query_len=1 if decode_only else case.max_query_len, scale=64 ** -0.5)
     args = (case.block_tables, case.seq_lens, case.query_start_loc)
     want = reference.ragged_paged_attention(jnp.asarray(case.q), *map(jnp.asarray, dequant), *args, **kw)
-    if impl == "gpu":  # the kernel's kv-heads-first layout, in interpret mode
-        run = functools.partial(gpu.ragged_paged_attention, interpret=True)
+    if impl in ("gpu", "tpu"):  # the kernels' kv-heads-first layout, in interpret mode
+        run = functools.partial((gpu if impl == "gpu" else tpu).ragged_paged_attention, interpret=True)
         pages = [gpu.to_layout(p) for p in pages]
         scales = [s.transpose(2, 0, 1) for s in scales]
     else:
@@ -101,17 +101,21 @@ def test_bad_kv_cache_dtype_is_a_clear_error(tiny_model):
         LLM(str(path), kv_cache_dtype="fp8", **KNOBS)
 
 
-@pytest.mark.parametrize("max_query_len,gather", [(1, False), (1, True), (64, True)])
-def test_gpu_kernel_on_int8_pages_lowers_for_h100(max_query_len, gather):
-    """The Llama-3-8B-shaped call (8 kv heads, head_dim 128, page 16) on int8 pages lowers to Triton."""
+@pytest.mark.parametrize("platform,max_query_len,gather", [("cuda", 1, False), ("cuda", 1, True),
+                                                         ("cuda", 64, True), ("tpu", 1, None), ("tpu", 64, None)])
+def test_kernels_on_int8_pages_lower(platform, max_query_len, gather):
+    """The Llama-3-8B-shaped call (8 kv heads, head_dim 128, page 16) on int8 pages lowers to Triton for an
+    H100 and to Mosaic for a TPU v6e."""
     from tests.attention_cases import lowering_args
     from tests.test_paged_attention_gpu import H100
+    from tests.test_paged_attention_tpu import TPU_V6E
 
     q, k, v, *rest = lowering_args(max_query_len, 4, jnp.bfloat16)
     k = v = jax.ShapeDtypeStruct(k.shape, jnp.int8)
     scales = jax.ShapeDtypeStruct(k.shape[:-1], jnp.float32)
-    f = functools.partial(gpu.ragged_paged_attention, max_query_len=max_query_len, scale=0.088, gather_pages=gather)
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+    kernel, device, knobs = ((gpu, H100, {"gather_pages": gather}) if platform == "cuda" else (tpu, TPU_V6E, {}))
+    f = functools.partial(kernel.ragged_paged_attention, max_query_len=max_query_len, scale=0.088, **knobs)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
         text = jax.jit(lambda *a: f(*a[:6], k_scale=a[6], v_scale=a[7])).trace(
-            q, k, v, *rest, scales, scales).lower(lowering_platforms=("cuda",)).as_text()
-    assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text
+            q, k, v, *rest, scales, scales).lower(lowering_platforms=(platform,)).as_text()
+    assert ("triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
