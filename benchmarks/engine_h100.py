@@ -94,27 +94,15 @@ def main() -> int:
     runner, cfg = llm.llm_engine.runner, llm.model.config
     compiled = runner.num_compilations
     weight_bytes = llm.model.num_bytes
-    kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     print(f"start-up {res['startup_s']:.1f} s ({len(runner.all_buckets())} step shapes, "
           f"{runner.num_compilations} functions), weights {weight_bytes / 1e9:.2f} GB", flush=True)
 
     # Batch-1 latency.
+    r = res["latency_b1"] = bench.time_decode(llm, 1, 128, 256, num_iters=3, bandwidth=bw)
+    print(f"batch 1, 128 in / 256 out: {r['latency_s']:.3f} s, prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
+          f"{r['decode_ms_per_token']:.2f} ms/token = {r['decode_tok_per_s']:.1f} tok/s; floor "
+          f"{r['decode_floor_ms']:.2f} ms -> {r['roofline_fraction']:.0%} of roofline", flush=True)
     rng = np.random.default_rng(0)
-    one = [{"prompt_token_ids": rng.integers(16, cfg.vocab_size - 16, 128).tolist()}]
-
-    def run(n: int) -> float:
-        t = time.perf_counter()
-        llm.generate(one, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-        return time.perf_counter() - t
-
-    run(256)
-    whole, pre = statistics.median([run(256) for _ in range(3)]), statistics.median([run(1) for _ in range(3)])
-    per_tok = (whole - pre) / 255
-    floor = (weight_bytes + kv_tok * 256) / bw
-    res["latency_b1"] = {"latency_s": whole, "prefill_ms": pre * 1e3, "decode_ms_per_token": per_tok * 1e3,
-                         "tok_per_s": 1 / per_tok, "floor_ms": floor * 1e3, "roofline_fraction": floor / per_tok}
-    print(f"batch 1, 128 in / 256 out: {whole:.3f} s, prefill {pre * 1e3:.1f} ms, decode {per_tok * 1e3:.2f} ms/token "
-          f"= {1 / per_tok:.1f} tok/s; floor {floor * 1e3:.2f} ms -> {floor / per_tok:.0%} of roofline", flush=True)
 
     # Profiles: steady decode at 64 sequences; prefill steps of 2048 tokens.
     greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
