@@ -124,6 +124,13 @@ def allocate_kv_pages(backend: str, num_layers: int, num_pages: int, page_size: 
     return [KVPages(page(), page(), scale(), scale()) for _ in range(num_layers)]
 
 
+def tensor_parallel() -> bool:
+    """Whether the current (abstract) mesh splits the model over several devices: a Pallas call then runs per
+    shard under shard_map, or not at all."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and dict(mesh.shape).get("model", 1) > 1
+
+
 def paged_attention(
     q: jax.Array,
     k: jax.Array,
@@ -144,8 +151,7 @@ def paged_attention(
     """
     attend = functools.partial(_paged_attention, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                backend=backend)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or dict(mesh.shape).get("model", 1) == 1:
+    if not tensor_parallel():
         return attend(q, k, v, kv, md)
     heads, specs = PartitionSpec(None, "model", None), kv_specs(backend, kv.k_scale is not None)
     return jax.shard_map(attend, in_specs=(heads, heads, heads, specs, PartitionSpec()),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.attention import AttentionMetadata, KVPages, paged_attention
+from jaxllm.attention import AttentionMetadata, KVPages, paged_attention, tensor_parallel
 from jaxllm.config import ModelConfig, RopeConfig
 from pallas_kernels.quant_matmul import pack_half, quant_linear
 
@@ -86,8 +86,7 @@ class QuantDense(nn.Module):
             zero = self.param("zero", _init(group_names, nn.initializers.zeros), (groups, *out), jnp.float32)
             zero = zero.reshape(groups, num_out)
         lead = x.shape[:-n_in]
-        mesh = jax.sharding.get_abstract_mesh()
-        backend = self.backend if mesh.empty or dict(mesh.shape).get("model", 1) == 1 else "xla"  # no kernel under TP
+        backend = "xla" if tensor_parallel() else self.backend  # the quantized kernel has no sharded form
         y = quant_linear(x.reshape(-1, num_in), kernel.reshape(num_in, -1), scale.reshape(groups, num_out), zero,
                          half, self.dtype, backend).reshape(*lead, *out)
         if self.use_bias:

@@ -90,8 +90,8 @@ def supported(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
     return rows <= MAX_ROWS and k % 16 == 0 and min(group, 128) % 16 == 0 and block_n >= 16 and n % block_n == 0
 
 
-def choose_params(rows: int, k: int, n: int, bits: int, group: int, half: int | None, block_k: int | None = None,
-                  block_n: int | None = None, num_cores: int = 132) -> dict:
+def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | None = None, block_n: int | None = None,
+                  num_cores: int = 132) -> dict:
     """Tiling from the shapes: column strips of 128 (int4: 2 * half), steps of 128 rows of W (several groups
     per step when groups are smaller), and K splits for ~2 programs per SM."""
     if not block_n:  # int4 at <= 16 rows: two packed pairs a strip (gate/up/down 44-46 vs 52-54 us, H100 sweep)
@@ -121,7 +121,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     if bits == 4 and (half is None or w.shape != (k, n // 2)):
         raise ValueError(f"int4 weights must be packed [K, N // 2] = {(k, n // 2)} with their half, got {w.shape}")
     group = k // groups
-    p = choose_params(m, k, n, bits, group, half if bits == 4 else None, block_k, block_n)
+    p = choose_params(m, k, n, half if bits == 4 else None, block_k, block_n)
     block_k, block_n = p["block_k"], p["block_n"]
     splits = num_splits or p["num_splits"]
     steps = k // (block_k * splits)
