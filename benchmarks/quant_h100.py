@@ -5,10 +5,12 @@ decode of the 8B shape in bf16, int8 and int4 (random weights quantized at load)
 
 1. bandwidth: jaxllm.bench.device_bandwidth (2 GiB in-place elementwise).
 2. kernel: for each layer shape [K, N] and batch M, a jitted chain of matmuls over enough distinct weight
-   copies (> 1 GiB) that nothing stays in L2; wall time per matmul (median of 5) for: bf16 dense, XLA's
-   dequantize-in-fusion path, the Pallas kernel at its default knobs and at a few others; each checked
-   against the float32 oracle first. GB/s counts the stored weight + scale bytes.
-3. engine: bench.time_decode at batch 1 (128 in / 256 out) and batch 64 (128 / 128) per quantization.
+   copies (> 1 GiB, 20x L2) that nothing stays in L2; wall time per matmul (4 calls queued, median of 5)
+   for: bf16 dense, XLA's dequantize-in-fusion path, the Pallas kernel at its default knobs and at the other
+   KNOBS (bodies, conversions, tiles); each checked against the float32 oracle first. GB/s counts the stored weight + scale
+   bytes; then per (bits, M) the fastest setting over one decoder layer's matmuls.
+3. engine: bench.time_decode at batch 1 (128 in / 256 out) and batch 64 (128 / 128) per quantization, and
+   batch 64 at 1024 in for bf16 weights with a bf16 and an int8 KV cache.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from jaxllm import LLM, bench
 from pallas_kernels.quant_matmul import gpu, pack_half, quant_linear, quantize, reference
 
 SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (4096, 1024), "gate/up_proj": (4096, 14336), "down_proj": (14336, 4096)}
-KNOBS = [{}, {"block_n": 256}, {"block_n": 512}, {"block_n": 256, "block_k": 256}, {"block_n": 256, "num_stages": 4},
-         {"block_n": 256, "num_warps": 8}, {"block_n": 512, "num_warps": 8}, {"block_n": 1024, "num_warps": 8}]
+LAYER_COUNT = {"q/o_proj": 2, "k/v_proj": 2, "gate/up_proj": 2, "down_proj": 1}  # per decoder layer
+KNOBS = [{}, {"body": "dot", "convert": "cast"}, {"body": "dot"}, {"body": "dot", "block_n": 256},
+         {"body": "gemv", "block_k": 64, "num_warps": 8},
+         {"body": "gemv", "block_k": 32, "block_n": 256, "num_warps": 8},
+         {"body": "gemv", "block_k": 64, "block_n": 256, "num_warps": 8}]
 
 
-def chain_time(fn, xs, weights: list, reps: int = 5) -> float:
-    """Seconds per matmul: one jitted call applies fn(x, *w) for every weight copy in turn."""
+def chain_time(fn, xs, weights: list, reps: int = 5, calls: int = 4) -> float:
+    """Seconds per matmul: one jitted call applies fn(x, *w) for every weight copy in turn; `calls` calls are
+    queued back to back (so the host's dispatch overlaps the device's work), median over `reps`."""
     @jax.jit
     def many(x, ws):  # every output kept whole, so XLA cannot shrink a matmul to the part that is used
         return jnp.stack([fn(x, *w).astype(jnp.bfloat16) for w in ws])
@@ -41,8 +47,9 @@ def chain_time(fn, xs, weights: list, reps: int = 5) -> float:
     samples = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(many(xs, weights))
-        samples.append((time.perf_counter() - t) / len(weights))
+        outs = [many(xs, weights) for _ in range(calls)]
+        jax.block_until_ready(outs)
+        samples.append((time.perf_counter() - t) / (calls * len(weights)))
     return statistics.median(samples)
 
 
@@ -77,13 +84,17 @@ def kernel_table(bw: float, batches: list[int], smoke: bool, shapes: list[str], 
                 for knobs in knobs_list:
                     label = "kernel" + "".join(f" {a}={b}" for a, b in knobs.items())
                     try:
+                        got = gpu.quant_matmul(x, *stored[:2], zero, half=half, interpret=smoke, **knobs)
+                        row[label + "_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                        if not row[label + "_err"] < 1e-2:
+                            raise ValueError(f"relative error {row[label + '_err']:.1e} against the oracle")
                         t = chain_time(lambda x, q, s, z, kn=knobs: gpu.quant_matmul(
                             x, q, s, z, half=half, interpret=smoke, **kn), x, qcopies)
                         row[label + "_us"] = t * 1e6
                     except Exception as e:  # a knob the shape cannot take: recorded, not fatal
                         row[label + "_us"] = None
                         print(f"    {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                best = min((v, k_) for k_, v in row.items() if k_.startswith("kernel") and v)
+                best = min((v, k_) for k_, v in row.items() if k_.startswith("kernel") and k_.endswith("_us") and v)
                 row["best"] = best[1]
                 row["kernel_TBps"] = wbytes / (row["kernel_us"] * 1e-6) / 1e12
                 row["kernel_of_bw"] = row["kernel_TBps"] * 1e12 / bw
@@ -97,28 +108,50 @@ def kernel_table(bw: float, batches: list[int], smoke: bool, shapes: list[str], 
     return rows
 
 
+def layer_totals(kernel_rows: list[dict]) -> dict:
+    """Per (bits, M): the knob setting with the least time over one decoder layer's matmuls (a setting that
+    failed on any shape is out), beside the default's."""
+    best_knobs = {}
+    for bits, m in sorted({(r["bits"], r["M"]) for r in kernel_rows}):
+        rows = [r for r in kernel_rows if r["bits"] == bits and r["M"] == m]
+        labels = [k_ for k_ in rows[0] if k_.startswith("kernel") and k_.endswith("_us")]
+        totals = {lab: sum(LAYER_COUNT[r["shape"]] * r[lab] for r in rows) for lab in labels
+                  if all(r.get(lab) for r in rows)}
+        best = min(totals, key=totals.get)
+        knobs = next(kn for kn in KNOBS if "kernel" + "".join(f" {a}={b}" for a, b in kn.items()) + "_us" == best)
+        best_knobs[f"int{bits} M={m}"] = {"knobs": knobs, "layer_us": totals[best], "default_layer_us":
+                                          totals.get("kernel_us"), "totals_us": totals}
+        print(f"int{bits} M={m}: {best[:-3]} ({totals[best]:.1f} us per layer; default "
+              f"{totals.get('kernel_us', float('nan')):.1f} us)", flush=True)
+    return best_knobs
+
+
 def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
     rows = []
-    for quant in [None, "int8", "int4"]:
+    for quant, kv in [(None, None), ("int8", None), ("int4", None), (None, "int8")]:
+        label = (quant or "bf16") + (f"+kv-{kv}" if kv else "")
         t = time.perf_counter()
-        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, max_num_seqs=64,
-                  num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048, enable_prefix_caching=False,
-                  warmup=False)
+        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, kv_cache_dtype=kv or "auto",
+                  max_num_seqs=64, num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048,
+                  enable_prefix_caching=False, warmup=False)
         load = time.perf_counter() - t
-        for batch, in_len, out_len in [(1, 128, 256), (64, 128, 128)]:
+        for batch, in_len, out_len in [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]:
+            if kv is None and in_len > 128 and quant is not None:
+                continue  # the long-context case is the KV cache's comparison
             r = bench.time_decode(llm, batch, in_len, out_len, num_iters=3, bandwidth=bw)
-            r.update(quantization=quant or "bf16", load_s=load)
+            r.update(quantization=label, load_s=load)
             rows.append(r)
-            print(f"{quant or 'bf16':5s} batch {batch:3d}: decode {r['decode_ms_per_token']:.2f} ms/step = "
+            print(f"{label:13s} batch {batch:3d} in {in_len:4d}: decode {r['decode_ms_per_token']:.2f} ms/step = "
                   f"{r['decode_tok_per_s']:.0f} tok/s, weights {r['weight_GB']:.2f} GB, floor "
                   f"{r['decode_floor_ms']:.2f} ms -> {r['roofline_fraction']:.0%} of its roofline "
                   f"(load {load:.0f} s)", flush=True)
         del llm
         gc.collect()
-    base = {r["batch_size"]: r["decode_tok_per_s"] for r in rows if r["quantization"] == "bf16"}
+    base = {(r["batch_size"], r["input_len"]): r["decode_tok_per_s"] for r in rows if r["quantization"] == "bf16"}
     for r in rows:
-        r["speedup_vs_bf16"] = r["decode_tok_per_s"] / base[r["batch_size"]]
-        print(f"{r['quantization']:5s} batch {r['batch_size']:3d}: {r['speedup_vs_bf16']:.2f}x bf16", flush=True)
+        r["speedup_vs_bf16"] = r["decode_tok_per_s"] / base[r["batch_size"], r["input_len"]]
+        print(f"{r['quantization']:13s} batch {r['batch_size']:3d} in {r['input_len']:4d}: "
+              f"{r['speedup_vs_bf16']:.2f}x bf16", flush=True)
     return rows
 
 
@@ -150,6 +183,8 @@ def main() -> int:
     for name, wanted, run in (parts[::-1] if args.engine_first else parts):
         if wanted:
             res[name] = run()
+            if name == "kernel" and len(args.shapes) == len(SHAPES):
+                res["layer_totals"] = layer_totals(res["kernel"])
             save()
     return 0
 

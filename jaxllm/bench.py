@@ -108,7 +108,9 @@ def time_decode(llm: Any, batch_size: int, input_len: int, output_len: int, num_
     device `bandwidth` (bytes/s) the decode step's floor (weights + KV bytes) and its share of the time."""
     from jaxllm import SamplingParams
 
-    cfg, dtype_bytes = llm.model.config, np.dtype(llm.model.dtype).itemsize
+    from jaxllm.kv_cache import bytes_per_page
+
+    cfg = llm.model.config
     reqs = make_requests("random", batch_size, input_len, output_len, cfg.vocab_size)
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
 
@@ -124,10 +126,10 @@ def time_decode(llm: Any, batch_size: int, input_len: int, output_len: int, num_
     lat, pre = statistics.median(whole), statistics.median(prefill)
     per_token = (lat - pre) / max(output_len - 1, 1)
     weight_bytes = llm.model.num_bytes
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    kv_per_token = bytes_per_page(cfg, 1, llm.model.dtype, llm.llm_engine.config.kv_cache_dtype)
     step_bytes = weight_bytes + batch_size * kv_per_token * (input_len + output_len / 2)
-    result = {"batch_size": batch_size, "latency_s": lat, "latencies_s": whole, "latency_p90_s":
-              float(np.percentile(whole, 90)), "prefill_s": pre, "decode_ms_per_token": per_token * 1e3,
+    result = {"batch_size": batch_size, "input_len": input_len, "output_len": output_len, "latency_s": lat,
+              "latencies_s": whole, "latency_p90_s": float(np.percentile(whole, 90)), "prefill_s": pre, "decode_ms_per_token": per_token * 1e3,
               "output_tok_per_s": batch_size * output_len / lat, "decode_tok_per_s": batch_size / per_token,
               "weight_GB": weight_bytes / 1e9}
     if bandwidth:

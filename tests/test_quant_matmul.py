@@ -57,6 +57,10 @@ def test_quantize_within_half_a_step(bits, groups):
     (40, 256, 384, 4, 8, jnp.bfloat16, {}),  # int4 in groups of 32 (GGUF Q4), rows padded to 64
     (2, 512, 512, 4, 4, jnp.float32, {"block_n": 256, "block_k": 256}),  # two packed pairs per strip
     (2, 256, 512, 8, 1, jnp.float32, {"block_n": 512, "num_splits": 1}),
+    (1, 256, 256, 8, 1, jnp.bfloat16, {"body": "dot", "convert": "cast"}),  # the conversion instructions
+    (3, 256, 256, 4, 2, jnp.bfloat16, {"convert": "cast"}),
+    (3, 256, 256, 4, 2, jnp.bfloat16, {"body": "gemv"}),  # the CUDA-core body: int4 groups, rows padded to 4
+    (5, 512, 96, 8, 16, jnp.bfloat16, {"body": "gemv", "block_k": 64}),  # int8 groups of 32, two per step
 ])
 def test_kernel_matches_the_oracle(m, k, n, bits, groups, dtype, knobs):
     x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, dtype, seed=m * k + n)
@@ -71,6 +75,10 @@ def test_kernel_rejects_what_it_cannot_tile():
     x, _, half, (q, scale, zero) = make(65, 128, 64, 4, 1, jnp.float32, seed=0)
     with pytest.raises(ValueError, match="at most 64 rows"):
         gpu.quant_matmul(x, q, scale, zero, half=half, interpret=True)
+    with pytest.raises(ValueError, match="gemv body takes at most 8 rows"):
+        gpu.quant_matmul(x[:9], q, scale, zero, half=half, body="gemv", interpret=True)
+    with pytest.raises(ValueError, match="convert must be one of"):
+        gpu.quant_matmul(x[:8], q, scale, zero, half=half, convert="fast", interpret=True)
     with pytest.raises(ValueError, match="packed"):
         gpu.quant_matmul(x[:8], q, scale, zero, half=None, interpret=True)
     assert not gpu.supported(65, 128, 64, 128, None) and gpu.supported(64, 128, 64, 128, None)
@@ -85,15 +93,16 @@ def test_dispatch_kernel_and_xla_agree(bits, groups):
     np.testing.assert_allclose(kernel, xla, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(xla))))
 
 
-@pytest.mark.parametrize("m,k,n,bits,groups", [(1, 4096, 4096, 8, 1), (8, 4096, 14336, 4, 32),
-                                               (64, 14336, 4096, 4, 112), (16, 4096, 1024, 8, 128)])
-def test_lowers_for_h100(m, k, n, bits, groups):
-    """Llama-3.1-8B's layer shapes lower to Triton for an H100."""
+@pytest.mark.parametrize("m,k,n,bits,groups,body", [(1, 4096, 4096, 8, 1, None), (8, 4096, 14336, 4, 32, None),
+                                                    (64, 14336, 4096, 4, 112, None), (16, 4096, 1024, 8, 128, None),
+                                                    (4, 14336, 4096, 4, 112, "gemv")])
+def test_lowers_for_h100(m, k, n, bits, groups, body):
+    """Llama-3.1-8B's layer shapes lower to Triton for an H100 (int8 at one row: the gemv body)."""
     half = 64 if bits == 4 else None
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((k, n // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((k, n), jnp.int8)
     s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
-        lowered = jax.jit(lambda x, w, s, z: gpu.quant_matmul(x, w, s, z, half=half)).trace(
+        lowered = jax.jit(lambda x, w, s, z: gpu.quant_matmul(x, w, s, z, half=half, body=body)).trace(
             x, w, s, s if bits == 4 else None).lower(lowering_platforms=("cuda",))
     assert "quant_matmul" in lowered.as_text()
