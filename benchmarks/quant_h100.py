@@ -9,8 +9,8 @@ decode of the 8B shape in bf16, int8 and int4 (random weights quantized at load)
    for: bf16 dense, XLA's dequantize-in-fusion path, the Pallas kernel at its default knobs and at the other
    KNOBS (bodies, conversions, tiles); each checked against the float32 oracle first. GB/s counts the stored weight + scale
    bytes; then per (bits, M) the fastest setting over one decoder layer's matmuls.
-3. engine: bench.time_decode at batch 1 (128 in / 256 out) and batch 64 (128 / 128) per quantization, and
-   batch 64 at 1024 in for bf16 weights with a bf16 and an int8 KV cache.
+3. engine: bench.time_decode at batch 1 (128 in / 256 out) and batch 64 (128 / 128) per quantization, batch
+   1 also as N rows (ENGINE_CONFIGS), and batch 64 at 1024 in with a bf16 and an int8 KV cache.
 """
 
 from __future__ import annotations
@@ -126,18 +126,38 @@ def layer_totals(kernel_rows: list[dict]) -> dict:
     return best_knobs
 
 
+# label -> (quantization, kv_cache_dtype, smallest decode bucket or None for the runner's, [(batch, in, out)])
+ENGINE_CONFIGS = {
+    "bf16": (None, "auto", None, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
+    "int8": ("int8", "auto", None, [(1, 128, 256), (64, 128, 128)]),
+    "int8-rows8": ("int8", "auto", 8, [(1, 128, 256)]),
+    "int4": ("int4", "auto", None, [(1, 128, 256), (64, 128, 128)]),
+    "int4-rows1": ("int4", "auto", 1, [(1, 128, 256)]),
+    "bf16+kv-int8": (None, "int8", None, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
+}
+
+
 def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
+    """bench.time_decode per ENGINE_CONFIGS entry; "-rowsN" runs batch 1 as N rows (the runner's choice: one
+    row for int8 weights on a GPU, otherwise 8; runner.MIN_DECODE_ROWS, ONE_ROW_QUANTIZATIONS)."""
+    from jaxllm import runner
+
     rows = []
-    for quant, kv in [(None, None), ("int8", None), ("int4", None), (None, "int8")]:
-        label = (quant or "bf16") + (f"+kv-{kv}" if kv else "")
+    for label in args.engine_configs:
+        quant, kv, min_rows, cases = ENGINE_CONFIGS[label]
+        saved = dict(runner.MIN_DECODE_ROWS), runner.ONE_ROW_QUANTIZATIONS
+        if min_rows:
+            runner.MIN_DECODE_ROWS[jax.devices()[0].platform] = min_rows
+            runner.ONE_ROW_QUANTIZATIONS = ()
         t = time.perf_counter()
-        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, kv_cache_dtype=kv or "auto",
+        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, kv_cache_dtype=kv,
                   max_num_seqs=64, num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048,
                   enable_prefix_caching=False, warmup=False)
+        runner.MIN_DECODE_ROWS.clear()
+        runner.MIN_DECODE_ROWS.update(saved[0])
+        runner.ONE_ROW_QUANTIZATIONS = saved[1]
         load = time.perf_counter() - t
-        for batch, in_len, out_len in [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]:
-            if kv is None and in_len > 128 and quant is not None:
-                continue  # the long-context case is the KV cache's comparison
+        for batch, in_len, out_len in cases:
             r = bench.time_decode(llm, batch, in_len, out_len, num_iters=3, bandwidth=bw)
             r.update(quantization=label, load_s=load)
             rows.append(r)
@@ -149,9 +169,10 @@ def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
         gc.collect()
     base = {(r["batch_size"], r["input_len"]): r["decode_tok_per_s"] for r in rows if r["quantization"] == "bf16"}
     for r in rows:
-        r["speedup_vs_bf16"] = r["decode_tok_per_s"] / base[r["batch_size"], r["input_len"]]
-        print(f"{r['quantization']:13s} batch {r['batch_size']:3d} in {r['input_len']:4d}: "
-              f"{r['speedup_vs_bf16']:.2f}x bf16", flush=True)
+        if (r["batch_size"], r["input_len"]) in base:
+            r["speedup_vs_bf16"] = r["decode_tok_per_s"] / base[r["batch_size"], r["input_len"]]
+            print(f"{r['quantization']:13s} batch {r['batch_size']:3d} in {r['input_len']:4d}: "
+                  f"{r['speedup_vs_bf16']:.2f}x bf16", flush=True)
     return rows
 
 
@@ -162,6 +183,7 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--knobs", default=None, help="JSON list of kernel knob settings to time (default: KNOBS)")
     ap.add_argument("--engine-first", action="store_true", help="the model runs before the kernel table")
+    ap.add_argument("--engine-configs", nargs="+", default=list(ENGINE_CONFIGS), choices=list(ENGINE_CONFIGS))
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--smoke", action="store_true",

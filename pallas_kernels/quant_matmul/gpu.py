@@ -163,7 +163,8 @@ def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | No
     """Tiling from the shapes (the H100/H200 sweeps in benchmarks/RESULTS.md): int8 at one row runs the gemv
     body on [64, 256] steps with 8 warps; otherwise the dot body on column strips of 128 (int4 at <= 16 rows:
     two packed pairs, 256) and steps of 128 rows of W (several groups per step when groups are smaller); K
-    splits for ~2 programs per SM."""
+    splits for ~2 programs per SM. Exponent-bit conversion for int4 and the gemv body; int8's dot body
+    converts faster with the instructions (H200, 8 rows: 140 vs 147 us per layer)."""
     gemv = rows == 1 and not half and body in (None, "gemv")
     body = body or ("gemv" if gemv else "dot")
     if body not in BODIES:
@@ -182,7 +183,7 @@ def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | No
     want = -(-2 * num_cores // (n // block_n))
     splits = max(d for d in range(1, total + 1) if total % d == 0 and d <= max(1, want))
     return {"block_n": block_n, "block_k": block_k, "num_splits": splits, "num_warps": 8 if gemv else 4,
-            "num_stages": 3, "body": body, "convert": "magic"}
+            "num_stages": 3, "body": body, "convert": "magic" if half or body == "gemv" else "cast"}
 
 
 @functools.partial(jax.jit, static_argnames=("half", "block_k", "block_n", "num_splits", "num_warps", "num_stages",
