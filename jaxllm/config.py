@@ -127,7 +127,7 @@ class ModelConfig:
     checkpoint_dtype: str  # the dtype the weights were stored in ("bfloat16", "float32", ...)
     hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
     quantization: str | None = None  # how the linear layers hold their weights (LAYER_QUANTIZATIONS); None: float
-    quant_group_size: int | None = None  # inputs per scale; None: int8 per channel, int4 128 (GGUF sources: 32)
+    quant_group_size: int | None = None  # inputs per scale; None: int8 per channel, int4 128 (from GGUF: 32)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -1,7 +1,7 @@
 """The weight-only quantized matmul (int8, int4): layouts round-trip, the Pallas GPU kernel in interpret mode on
 CPU against the float32 oracle on fresh random inputs (interpret mode fills outputs with NaN first, so an
-unwritten element fails), its lowering to CUDA (Triton constraints interpret mode lets through), and the
-model's dispatch giving the same layer output through the kernel and through XLA.
+unwritten element fails), its lowering to CUDA (Triton constraints interpret mode lets through), the CPU's
+int8 x int8 path, and the model's dispatch giving the same layer output through the kernel and through XLA.
 
 Tolerances: float32 inputs 1e-5 relative to the largest output; bfloat16 inputs (the kernel multiplies bf16
 activations by exact integer weights, accumulating in float32; the oracle is float32 throughout) 1e-2.
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.quant_matmul import gpu, pack_half, pack_int4, quant_linear, quantize, reference, unpack_int4
+from pallas_kernels.quant_matmul import (gpu, int8_dot_two_level, pack_half, pack_int4, quant_linear, quantize,
+                                        reference, unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -84,13 +85,33 @@ def test_kernel_rejects_what_it_cannot_tile():
     assert not gpu.supported(65, 128, 64, 128, None) and gpu.supported(64, 128, 64, 128, None)
 
 
-@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 32)])
-def test_dispatch_kernel_and_xla_agree(bits, groups):
-    """The layer's two paths: the kernel (decode-sized batches on a GPU backend) and XLA's fused dequantize."""
+@pytest.mark.parametrize("bits,groups,tol", [(8, 1, 1e-4), (4, 32, 1e-5)])
+def test_dispatch_kernel_and_xla_agree(bits, groups, tol):
+    """The layer's two paths: the kernel (decode-sized batches on a GPU backend) and XLA's (int8 per channel
+    on CPU: int8_dot_two_level, hence its tolerance; int4: the fused dequantize)."""
     x, _, half, (q, scale, zero) = make(8, 1024, 128, bits, groups, jnp.float32, seed=bits)
     kernel = quant_linear(x, q, scale, zero, half, jnp.float32, "pallas-interpret")
     xla = quant_linear(x, q, scale, zero, half, jnp.float32, "xla")
-    np.testing.assert_allclose(kernel, xla, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(xla))))
+    np.testing.assert_allclose(kernel, xla, rtol=0, atol=tol * float(jnp.max(jnp.abs(xla))))
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8_two_level_dot(m):
+    """The CPU path for int8 per channel: x split in two int8 levels is off by <= 1/64516 of its row's max per
+    element, so each output is within K * that * max|W| of the oracle; rows of zeros and rows with one large
+    outlier (the activations that made one level lose 4% perplexity) included."""
+    x, _, _, (q, scale, _) = make(m, 512, 96, 8, 1, jnp.float32, seed=m)
+    x = x.at[0, 7].set(300.0)  # an outlier: the row's max is 100x its typical entry
+    if m > 1:
+        x = x.at[1].set(0.0)
+    got = int8_dot_two_level(x, q, scale)
+    want = reference.quant_matmul(x, q, scale)
+    w_max = float(jnp.max(jnp.abs(reference.dequantize(q, scale))))
+    bound = 512 * jnp.max(jnp.abs(x), axis=1, keepdims=True) / 64516 * w_max
+    assert got.shape == (m, 96) and bool(jnp.all(jnp.abs(got - want) <= bound + 1e-6))
+    assert m == 1 or not bool(jnp.any(got[1]))
+    rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    assert rel < 5e-4, rel  # with the outlier; bf16 activations would be off by ~4e-3
 
 
 @pytest.mark.parametrize("m,k,n,bits,groups,body", [(1, 4096, 4096, 8, 1, None), (8, 4096, 14336, 4, 32, None),

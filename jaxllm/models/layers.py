@@ -46,7 +46,7 @@ QUANT_BITS = {"int8": 8, "int4": 4}
 
 def quant_group_size(num_inputs: int, bits: int, preferred: int | None = None) -> int:
     """Inputs sharing one scale. `preferred` None: every input for int8 (one scale per output channel), 128
-    for int4 (AWQ's usual size); 32 for GGUF sources (their blocks). Falls back to the largest of 64, 32
+    for int4 (AWQ's usual size); 32 for int4 from GGUF sources (their blocks). Falls back to the largest of 64, 32
     that divides the layer's inputs, else all of them."""
     preferred = preferred or (num_inputs if bits == 8 else 128)
     return next((g for g in (preferred, 64, 32) if g <= preferred and num_inputs % g == 0), num_inputs)
@@ -299,7 +299,10 @@ class CausalLM(nn.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """[n, embed] -> float32 logits [n, vocab] (Gemma 2: soft-capped)."""
         c = self.config
-        logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
+        if c.tie_word_embeddings:  # E [vocab, embed] contracted on its own last dim: no transposed copy of E
+            logits = jnp.einsum("ve,te->tv", self.embed_tokens.embedding.astype(self.dtype), x.astype(self.dtype))
+        else:
+            logits = self.lm_head(x)
         logits = logits.astype(jnp.float32)
         if c.final_logit_softcap is not None:
             logits = c.final_logit_softcap * jnp.tanh(logits / c.final_logit_softcap)

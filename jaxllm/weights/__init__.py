@@ -149,7 +149,8 @@ def _quantized_config(config: ModelConfig, quantization: str, gguf: GGUFModel | 
         return dataclasses.replace(config, quantization="int4", quant_group_size=awq_group)
     if quantization == "gguf":
         return dataclasses.replace(config, quantization=gguf.block_quantization(), quant_group_size=BLOCK_SIZE)
-    group = BLOCK_SIZE if gguf is not None else config.quant_group_size  # GGUF: requantized exactly in its blocks
+    # int4 from GGUF: its blocks, requantized exactly; int8: one scale per channel (the fast CPU path)
+    group = BLOCK_SIZE if gguf is not None and quantization == "int4" else config.quant_group_size
     return dataclasses.replace(config, quantization=quantization, quant_group_size=group)
 
 

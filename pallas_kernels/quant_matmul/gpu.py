@@ -11,6 +11,7 @@ share of K, and walks its K range in steps of `block_k` rows:
   Rows are padded to a power of two >= 16.
 - "gemv" (CUDA cores, 1-8 rows): the weights are dequantized to float32 and multiplied into an elementwise
   [block_k, block_n] accumulator per row of x, reduced over K once at the end; no padding, no MMA staging.
+  The default for int8 at one row only: at 8 rows its accumulators spill (5-40x slower, H200 sweep).
 
 `convert="magic"` turns integers into floats with exponent bits instead of conversion instructions (a
 quarter of the ALU rate on Hopper): OR-ing a nibble q into the bits of bf16 128.0 reads as 128 + q, whose 128
