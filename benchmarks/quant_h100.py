@@ -139,7 +139,7 @@ ENGINE_CONFIGS = {
 
 def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
     """bench.time_decode per ENGINE_CONFIGS entry; "-rowsN" runs batch 1 as N rows (the runner's choice: one
-    row for int8 weights on a GPU, otherwise 8; runner.MIN_DECODE_ROWS, ONE_ROW_QUANTIZATIONS)."""
+    row for int8 weights on a GPU, otherwise 8: runner.decode_buckets)."""
     from jaxllm import runner
 
     rows = []

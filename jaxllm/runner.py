@@ -120,6 +120,17 @@ def pow2_ladder(lo: int, hi: int) -> list[int]:
     return out + [hi]
 
 
+def decode_buckets(platform: str, quantization: str | None, max_num_seqs: int) -> list[int]:
+    """Rows of each decode step shape: at least MIN_DECODE_ROWS on accelerators even when max_num_seqs is
+    smaller (padding rows: on the H100 an 8B model's batch-1 decode step took 8.13 ms with 1 row, 6.00 with 8),
+    plus one row for ONE_ROW_QUANTIZATIONS on a GPU."""
+    min_rows = MIN_DECODE_ROWS.get(platform, 8)
+    buckets = pow2_ladder(min_rows, max(max_num_seqs, min_rows))
+    if min_rows > 1 and platform == "gpu" and quantization in ONE_ROW_QUANTIZATIONS:
+        buckets.insert(0, 1)
+    return buckets
+
+
 def bucket(n: int, minimum: int) -> int:
     """The next power of two >= n, at least `minimum` (for tests that call the model directly)."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -193,13 +204,8 @@ class ModelRunner:
         self.kv_caches: list[KVPages] = allocate_kv_pages(
             loaded.module.backend, c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim,
             loaded.dtype, loaded.mesh, engine.kv_cache_dtype)
-        # Rows of a decode step: at least MIN_DECODE_ROWS on accelerators even when max_num_seqs is smaller
-        # (padding rows): on the H100 an 8B model's batch-1 decode step took 8.13 ms with 1 row, 6.00 with 8.
-        min_rows = MIN_DECODE_ROWS.get(self.platform, 8)
-        self.max_rows = max(engine.max_num_seqs, min_rows)
-        self.decode_buckets = pow2_ladder(min_rows, self.max_rows)
-        if min_rows > 1 and self.platform == "gpu" and loaded.quantization in ONE_ROW_QUANTIZATIONS:
-            self.decode_buckets.insert(0, 1)
+        self.decode_buckets = decode_buckets(self.platform, loaded.quantization, engine.max_num_seqs)
+        self.max_rows = self.decode_buckets[-1]
         self.mixed_buckets = pow2_ladder(min(MIXED_MIN_TOKENS, engine.max_num_batched_tokens),
                                          engine.max_num_batched_tokens)
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,), static_argnums=(4,))

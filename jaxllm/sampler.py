@@ -88,7 +88,7 @@ class SamplingTensors:
         greedy = [p.temperature < SAMPLING_EPS or p.top_k == 1 for p in params]
         return cls(
             temperature=column([0.0 if g else p.temperature for p, g in zip(params, greedy)], 0.0, np.float32),
-            top_k=column([p.top_k for p in params], 0, np.int32),
+            top_k=column([p.top_k if p.top_k < 2**31 else 0 for p in params], 0, np.int32),  # beyond int32: all
             top_p=column([p.top_p for p in params], 1.0, np.float32),
             min_p=column([p.min_p for p in params], 0.0, np.float32),
             repetition_penalty=column([p.repetition_penalty for p in params], 1.0, np.float32),

@@ -353,3 +353,13 @@ def test_decode_rows_wider_than_max_num_seqs(tiny_model, monkeypatch):
     wide = llm.generate(batch, params, use_tqdm=False)
     assert ids(wide) == ids(narrow)
     assert ids(wide)[0] == hf_greedy(hf, batch[0]["prompt_token_ids"], 12)
+
+
+@pytest.mark.parametrize("platform,quantization,max_num_seqs,want", [
+    ("cpu", "int8", 4, [1, 2, 4]), ("gpu", None, 64, [8, 16, 32, 64]), ("gpu", "int4", 2, [8]),
+    ("gpu", "int8", 64, [1, 8, 16, 32, 64]),  # int8 weights: a lone sequence decodes as one row (gemv body)
+    ("tpu", "int8", 20, [8, 16, 20])])
+def test_decode_buckets(platform, quantization, max_num_seqs, want):
+    from jaxllm.runner import decode_buckets
+
+    assert decode_buckets(platform, quantization, max_num_seqs) == want

@@ -389,3 +389,14 @@ def test_from_rows_pads_with_greedy_rows():
     assert t.seed.dtype == jnp.uint32 and t.step.dtype == jnp.int32 and t.top_k.dtype == jnp.int32
     with pytest.raises(ValueError):
         tensors([SamplingParams()] * 3, num_rows=2)
+
+
+def test_top_k_beyond_int32_keeps_every_token():
+    """A top_k past int32 (the server fuzzer sent 2758556568) keeps every token, as any k >= vocab does."""
+    huge = tensors([SamplingParams(temperature=0.7, top_k=2758556568)])
+    assert int(huge.top_k[0]) == 0
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((1, VOCAB)), jnp.float32)
+    scaled = logits / 0.7
+    np.testing.assert_array_equal(sampler.truncation_threshold(scaled, huge, sort=True),
+                                  sampler.truncation_threshold(scaled, tensors([SamplingParams(temperature=0.7)]),
+                                                               sort=True))
