@@ -7,8 +7,8 @@ decode of the 8B shape in bf16, int8 and int4 (random weights quantized at load)
 2. kernel: for each layer shape [K, N] and batch M, a jitted chain of matmuls over enough distinct weight
    copies (> 1 GiB, 20x L2) that nothing stays in L2; wall time per matmul (4 calls queued, median of 5)
    for: bf16 dense, XLA's dequantize-in-fusion path, the Pallas kernel at its default knobs and at the other
-   KNOBS (bodies, conversions, tiles); each checked against the float32 oracle first. GB/s counts the stored weight + scale
-   bytes; then per (bits, M) the fastest setting over one decoder layer's matmuls.
+   KNOBS (bodies, conversions, tiles); each checked against the float32 oracle first. GB/s counts the stored
+   weight + scale bytes; then per (bits, M) the fastest setting over one decoder layer's matmuls.
 3. engine: bench.time_decode at batch 1 (128 in / 256 out) and batch 64 (128 / 128) per quantization, batch
    1 also as N rows (ENGINE_CONFIGS), and batch 64 at 1024 in with a bf16 and an int8 KV cache.
 """
@@ -145,17 +145,16 @@ def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
     rows = []
     for label in args.engine_configs:
         quant, kv, min_rows, cases = ENGINE_CONFIGS[label]
-        saved = dict(runner.MIN_DECODE_ROWS), runner.ONE_ROW_QUANTIZATIONS
-        if min_rows:
-            runner.MIN_DECODE_ROWS[jax.devices()[0].platform] = min_rows
-            runner.ONE_ROW_QUANTIZATIONS = ()
+        buckets = runner.decode_buckets
+        if min_rows:  # the runner asks decode_buckets once, while LLM builds it
+            runner.decode_buckets = lambda platform, quantization, n: runner.pow2_ladder(min_rows, max(n, min_rows))
         t = time.perf_counter()
-        llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, kv_cache_dtype=kv,
-                  max_num_seqs=64, num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048,
-                  enable_prefix_caching=False, warmup=False)
-        runner.MIN_DECODE_ROWS.clear()
-        runner.MIN_DECODE_ROWS.update(saved[0])
-        runner.ONE_ROW_QUANTIZATIONS = saved[1]
+        try:
+            llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, kv_cache_dtype=kv,
+                      max_num_seqs=64, num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048,
+                      enable_prefix_caching=False, warmup=False)
+        finally:
+            runner.decode_buckets = buckets
         load = time.perf_counter() - t
         for batch, in_len, out_len in cases:
             r = bench.time_decode(llm, batch, in_len, out_len, num_iters=3, bandwidth=bw)

@@ -129,7 +129,8 @@ def time_decode(llm: Any, batch_size: int, input_len: int, output_len: int, num_
     kv_per_token = bytes_per_page(cfg, 1, llm.model.dtype, llm.llm_engine.config.kv_cache_dtype)
     step_bytes = weight_bytes + batch_size * kv_per_token * (input_len + output_len / 2)
     result = {"batch_size": batch_size, "input_len": input_len, "output_len": output_len, "latency_s": lat,
-              "latencies_s": whole, "latency_p90_s": float(np.percentile(whole, 90)), "prefill_s": pre, "decode_ms_per_token": per_token * 1e3,
+              "latencies_s": whole, "latency_p90_s": float(np.percentile(whole, 90)), "prefill_s": pre,
+              "decode_ms_per_token": per_token * 1e3,
               "output_tok_per_s": batch_size * output_len / lat, "decode_tok_per_s": batch_size / per_token,
               "weight_GB": weight_bytes / 1e9}
     if bandwidth:

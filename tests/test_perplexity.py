@@ -5,8 +5,9 @@ model.
 The thresholds are checked on the shipped text's first MAX_TOKENS tokens, one window: the whole text (3493 tokens
 scored in 6 windows of 1024) takes 25-35 s per model on this 2-core CPU. Measured (perplexity, first 511 / all 3493
 scored tokens): float 40.744 / 27.752, int8 (one scale per channel; on CPU the activations in two int8 levels)
-40.893 / 27.901 (+0.37% / +0.54%), int4 40.744 / 27.752 (its 32-input groups reproduce the Q4_1 blocks). The engines are the session's (conftest), shared
-with test_smollm2.py and test_quantization.py, as is transformers' import of the GGUF (~22 s)."""
+40.893 / 27.901 (+0.37% / +0.54%), int4 40.744 / 27.752 (its 32-input groups reproduce the Q4_1 blocks). The
+engines are the session's (conftest), shared with test_smollm2.py and test_quantization.py, as is transformers'
+import of the GGUF (~22 s)."""
 
 from __future__ import annotations
 
