@@ -1,7 +1,8 @@
 """The weight-only quantized matmul (int8, int4): layouts round-trip, the Pallas GPU kernel in interpret mode on
 CPU against the float32 oracle on fresh random inputs (interpret mode fills outputs with NaN first, so an
-unwritten element fails), its lowering to CUDA (Triton constraints interpret mode lets through), the CPU's
-int8 x int8 path, and the model's dispatch giving the same layer output through the kernel and through XLA.
+unwritten element fails), its lowering to CUDA (Triton constraints interpret mode lets through), the C++ CPU
+kernel against the oracle (writing into a NaN-filled buffer), the CPU's int8 x int8 path, and the model's
+dispatch giving the same layer output through the kernels and through XLA.
 
 Tolerances: float32 inputs 1e-5 relative to the largest output; bfloat16 inputs (the kernel multiplies bf16
 activations by exact integer weights, accumulating in float32; the oracle is float32 throughout) 1e-2.
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.quant_matmul import (gpu, int8_dot_two_level, pack_half, pack_int4, quant_linear, quantize,
-                                        reference, unpack_int4)
+from pallas_kernels.quant_matmul import (cpu, gpu, int8_dot_two_level, pack_half, pack_int4, quant_linear,
+                                        quantize, reference, unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -85,14 +86,49 @@ def test_kernel_rejects_what_it_cannot_tile():
     assert not gpu.supported(65, 128, 64, 128, None) and gpu.supported(64, 128, 64, 128, None)
 
 
-@pytest.mark.parametrize("bits,groups,tol", [(8, 1, 1e-4), (4, 32, 1e-5)])
-def test_dispatch_kernel_and_xla_agree(bits, groups, tol):
-    """The layer's two paths: the kernel (decode-sized batches on a GPU backend) and XLA's (int8 per channel
-    on CPU: int8_dot_two_level, hence its tolerance; int4: the fused dequantize)."""
+@pytest.mark.parametrize("m,k,n,bits,groups", [
+    (1, 576, 1536, 8, 1),   # SmolLM2's gate/up: chunks of 64 columns, one scale per channel
+    (9, 512, 96, 8, 16),    # int8 in GGUF Q8_0's 32-input groups; rows in blocks of 4, 4, then 1
+    (3, 256, 80, 8, 4),     # N = 5 x 16: chunks of one vector
+    (2, 128, 24, 8, 1),     # N not a multiple of 16: the one-column-at-a-time path
+    (1, 576, 1536, 4, 18),  # int4 in groups of 32 (GGUF Q4), half-blocks of 64
+    (6, 256, 96, 4, 2),     # int4 half-blocks of 16: chunks of 16 bytes
+    (5, 128, 64, 4, 1),     # int4 with one group: the zero through each row's sum of x
+    (2, 64, 24, 4, 2),      # int4 half-blocks of 4: the one-column path
+])
+def test_cpu_kernel_matches_the_oracle(m, k, n, bits, groups):
+    if not cpu.available():
+        pytest.fail("the CPU kernel did not build: see the logged compiler error")
+    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.float32, seed=m * k + n + bits)
+    got = cpu.quant_matmul(x, q, scale, zero, half, out=jnp.full((m, n), jnp.nan, jnp.float32))
+    want = reference.quant_matmul(x, q, scale, zero, half)
+    assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    assert err < TOL[jnp.float32], err
+
+
+def test_cpu_kernel_rejects_bad_layouts():
+    x, _, half, (q, scale, zero) = make(2, 128, 64, 4, 2, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="packed"):
+        cpu.quant_matmul(x, q, scale, zero, None)
+    with pytest.raises(ValueError, match=r"int8 weights must be \[K, N\]"):
+        cpu.quant_matmul(x, jnp.zeros((128, 32), jnp.int8), scale)
+    with pytest.raises(ValueError, match="groups must divide K"):
+        cpu.quant_matmul(x, q, jnp.ones((3, 64)), jnp.zeros((3, 64)), half)
+
+
+@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 32)])
+def test_dispatch_kernels_and_xla_agree(bits, groups):
+    """The layer's paths at a decode-sized batch: the GPU kernel (interpret mode), the C++ kernel (a CPU
+    backend) and XLA's ("sharded": int8 per channel through int8_dot_two_level, hence its tolerance; int4:
+    the fused dequantize)."""
     x, _, half, (q, scale, zero) = make(8, 1024, 128, bits, groups, jnp.float32, seed=bits)
-    kernel = quant_linear(x, q, scale, zero, half, jnp.float32, "pallas-interpret")
-    xla = quant_linear(x, q, scale, zero, half, jnp.float32, "xla")
-    np.testing.assert_allclose(kernel, xla, rtol=0, atol=tol * float(jnp.max(jnp.abs(xla))))
+    gpu_kernel = quant_linear(x, q, scale, zero, half, jnp.float32, "pallas-interpret")
+    cpu_kernel = quant_linear(x, q, scale, zero, half, jnp.float32, "xla")
+    xla = quant_linear(x, q, scale, zero, half, jnp.float32, "sharded")
+    top = float(jnp.max(jnp.abs(xla)))
+    np.testing.assert_allclose(cpu_kernel, gpu_kernel, rtol=0, atol=1e-5 * top)
+    np.testing.assert_allclose(xla, gpu_kernel, rtol=0, atol=(1e-4 if bits == 8 else 1e-5) * top)
 
 
 @pytest.mark.parametrize("m", [1, 5])

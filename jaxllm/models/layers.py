@@ -86,7 +86,7 @@ class QuantDense(nn.Module):
             zero = self.param("zero", _init(group_names, nn.initializers.zeros), (groups, *out), jnp.float32)
             zero = zero.reshape(groups, num_out)
         lead = x.shape[:-n_in]
-        backend = "xla" if tensor_parallel() else self.backend  # the quantized kernel has no sharded form
+        backend = "sharded" if tensor_parallel() else self.backend  # the quantized kernels have no sharded form
         y = quant_linear(x.reshape(-1, num_in), kernel.reshape(num_in, -1), scale.reshape(groups, num_out), zero,
                          half, self.dtype, backend).reshape(*lead, *out)
         if self.use_bias:

@@ -28,6 +28,7 @@ from jaxllm.weights.gguf import BLOCK_SIZE, GGUFModel
 from jaxllm.weights.hub import ModelSource, resolve_model
 from jaxllm.weights.mapping import ParamTreeBuilder
 from jaxllm.weights.safetensors import iter_safetensors
+from pallas_kernels.quant_matmul import cpu as quant_matmul_cpu
 
 logger = logging.getLogger("jaxllm")
 
@@ -118,9 +119,9 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
         abstract = abstract_params(module)
         params = quantize_params(params, nn.unbox(abstract), param_shardings(abstract, mesh))
     config = module.config
-    if platform == "cpu" and config.quantization == "int4":
-        logger.warning("int4 weights on CPU save memory but decode slower than float32 (XLA dequantizes them "
-                       "every step; SmolLM2: 6 vs 28 tok/s): quantization='int8' is the fast one there")
+    if platform == "cpu" and config.quantization == "int4" and not quant_matmul_cpu.available():
+        logger.warning("int4 weights on CPU without the C++ kernel decode slower than float32 (XLA dequantizes "
+                       "them every step; SmolLM2: 6 vs 28 tok/s): quantization='int8' is the fast one there")
 
     if tokenizer is not None:
         tok = load_hf_tokenizer(tokenizer)

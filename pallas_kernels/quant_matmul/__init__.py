@@ -6,26 +6,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import gpu
+from pallas_kernels.quant_matmul import cpu, gpu
 from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, unpack_int4
 
-# The attention backends (jaxllm.attention.BACKENDS) whose platform runs the Pallas GPU kernel here.
+# The attention backends (jaxllm.attention.BACKENDS) whose platform runs the Pallas GPU kernel here, and
+# those that run the C++ kernel when the platform is a CPU ("sharded": tensor parallel, XLA only).
 KERNEL_BACKENDS = {"pallas-gpu": False, "pallas-interpret": True}  # -> interpret mode
+CPU_KERNEL_BACKENDS = ("reference", "xla")
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
                  dtype, backend: str) -> jax.Array:
-    """x [M, K] @ W [K, N] -> [M, N] in `dtype`, W stored as reference.py lays it out. Small M on a GPU backend
-    runs the Pallas kernel (a weight read at the bandwidth); int8 with one scale per channel scales the
-    product instead (on CPU through int8_dot_two_level); otherwise XLA dequantizes to `dtype` inside the
-    matmul's fusion."""
+    """x [M, K] @ W [K, N] -> [M, N] in `dtype`, W stored as reference.py lays it out. Small M runs a kernel
+    that reads W as stored: the Pallas kernel on a GPU backend, the C++ one (cpu.py) on a CPU; otherwise int8
+    with one scale per channel scales the product instead (on CPU through int8_dot_two_level), and the rest
+    XLA dequantizes to `dtype` inside the matmul's fusion."""
     m, k = x.shape
     groups, n = scale.shape
     if backend in KERNEL_BACKENDS and gpu.supported(m, k, n, k // groups, half):
         return gpu.quant_matmul(x.astype(dtype), w, scale, zero, half=half,
                                 interpret=KERNEL_BACKENDS[backend]).astype(dtype)
+    on_cpu = jax.default_backend() == "cpu"
+    if backend in CPU_KERNEL_BACKENDS and on_cpu and m <= cpu.MAX_ROWS and cpu.available():
+        return cpu.quant_matmul(x, w, scale, zero, half).astype(dtype)
     if groups == 1 and zero is None:
-        if jax.default_backend() == "cpu":
+        if on_cpu:
             return int8_dot_two_level(x, w, scale).astype(dtype)
         return jnp.dot(x.astype(dtype), w.astype(dtype)) * scale.astype(dtype)
     return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype))
