@@ -27,6 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--attention-backend", default="auto", help="auto | pallas | reference | xla")
     p.add_argument("--quantization", default=None, help="int8 | int4: weight-only, quantized at load; awq | gguf: "
                    "the checkpoint's own 4/8-bit weights (AWQ checkpoints are found from config.json)")
+    p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --quantization, the LM head in int8 too (default; --no-quantize-lm-head keeps it float)")
     p.add_argument("--load-format", default="auto", help="auto | dummy (random weights from config.json, to time)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) | int8 (a scale per token "
                    "and KV head: half the bytes of bf16)")
@@ -58,7 +60,7 @@ def _engine(args: argparse.Namespace, **knobs: Any) -> Any:
     return LLMEngine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
                      num_kv_pages=args.num_kv_pages, tensor_parallel_size=args.tensor_parallel_size,
                      attention_backend=args.attention_backend, quantization=args.quantization,
-                     kv_cache_dtype=args.kv_cache_dtype,
+                     quantize_lm_head=args.quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
                      load_format=args.load_format, **knobs)
 
 
@@ -157,7 +159,8 @@ def _serve(args: argparse.Namespace) -> None:
                tokenizer=args.tokenizer, dtype=args.dtype,
                max_model_len=args.max_model_len, num_kv_pages=args.num_kv_pages,
                tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
-               quantization=args.quantization, load_format=args.load_format, max_num_seqs=args.max_num_seqs,
+               quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+               load_format=args.load_format, max_num_seqs=args.max_num_seqs,
                kv_cache_dtype=args.kv_cache_dtype,
                max_num_batched_tokens=args.max_num_batched_tokens)
 

@@ -128,6 +128,7 @@ class ModelConfig:
     hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
     quantization: str | None = None  # how the linear layers hold their weights (LAYER_QUANTIZATIONS); None: float
     quant_group_size: int | None = None  # inputs per scale; None: int8 per channel, int4 128 (from GGUF: 32)
+    lm_head_int8: bool = False  # the LM head in int8, one scale per vocab entry (a tied embedding: its own copy)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -100,14 +100,15 @@ class LLMEngine:
 
     def __init__(self, model: str | Path | None = None, *, tokenizer: str | Path | None = None,
                  dtype: Any = "auto", revision: str | None = None, gpu_memory_utilization: float | None = None,
-                 load_format: str = "auto", quantization: str | None = None, **engine_kwargs: Any) -> None:
+                 load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = True,
+                 **engine_kwargs: Any) -> None:
         if gpu_memory_utilization is not None:
             engine_kwargs["memory_utilization"] = gpu_memory_utilization
         self.config = EngineConfig(**engine_kwargs)
         enable_compilation_cache()
         t0 = time.monotonic()
         self.model = load_model(model, dtype=dtype, tokenizer=tokenizer, revision=revision, load_format=load_format,
-                                quantization=quantization,
+                                quantization=quantization, quantize_lm_head=quantize_lm_head,
                                 attention_backend=self.config.attention_backend,
                                 mesh=make_mesh(self.config.tensor_parallel_size))
         self.tokenizer = self.model.tokenizer
@@ -392,7 +393,8 @@ class LLM:
     memory_utilization / gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, tensor_parallel_size, seed, attention_backend, ...) are keyword arguments;
     load_format="dummy" (vLLM's) makes random weights from the config alone, for benchmarks;
-    quantization="int8" / "int4" keeps the linear layers' weights quantized (done at load);
+    quantization="int8" / "int4" keeps the linear layers' weights quantized (done at load), and the LM head in
+    int8 unless quantize_lm_head=False;
     kv_cache_dtype="int8" stores the KV cache in int8 with a scale per token and KV head (half the bytes).
     """
 

@@ -64,6 +64,13 @@ def test_weights_within_half_a_step(pair):
         deq = np.asarray(dequantize(kernel.reshape(k, -1), scale.reshape(groups, n), zero, half))
         step = np.repeat(scale.reshape(groups, n), k // groups, axis=0)
         assert np.all(np.abs(w.reshape(k, n) - deq) <= step / 2 * (1 + 1e-5) + 1e-7)
+    # The LM head: int8, one scale per vocab entry (a tied embedding gets its own int8 copy).
+    head = f.model.params["lm_head"]["kernel"] if "lm_head" in f.model.params else f.model.params["embed_tokens"][
+        "embedding"].T
+    w, got = np.asarray(head), q.model.params["lm_head"]
+    assert got["kernel"].dtype == np.int8 and got["kernel"].shape == w.shape and got["scale"].shape == (1, w.shape[1])
+    deq = np.asarray(dequantize(got["kernel"], got["scale"]))
+    assert np.all(np.abs(w - deq) <= np.asarray(got["scale"]) / 2 * (1 + 1e-5) + 1e-7)
     # Not quantized: embeddings, norms, biases.
     assert q.model.params["embed_tokens"]["embedding"].dtype == f.model.params["embed_tokens"]["embedding"].dtype
     kinds = {str(x.dtype) for x in jax.tree.leaves(q.model.params)}
@@ -81,6 +88,16 @@ def test_outputs_close_to_the_float_model(pair):
     same = sum(u == v for x, y in zip(a, b) for u, v in zip(x.outputs[0].token_ids, y.outputs[0].token_ids))
     if kind == "int8":  # int4 on these tiny, flat-logit models flips greedy choices early; its logprobs are checked
         assert same >= 0.9 * sum(len(x.outputs[0].token_ids) for x in a)
+
+
+def test_lm_head_kept_float_on_request(tiny_model):
+    """quantize_lm_head=False: the linear layers quantized, the LM head as the float model holds it."""
+    path, _ = tiny_model("llama3.1")
+    f, q = LLM(str(path), **KNOBS), LLM(str(path), quantization="int8", quantize_lm_head=False, **KNOBS)
+    assert not q.model.config.lm_head_int8 and q.model.config.quantization == "int8"
+    assert ("lm_head" in q.model.params) == ("lm_head" in f.model.params)
+    for a, b in zip(jax.tree.leaves(f.model.params.get("lm_head", {})), jax.tree.leaves(q.model.params.get("lm_head", {}))):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("value,message", [("int3", "must be one of int8, int4, awq, gguf"),
@@ -161,10 +178,10 @@ def assert_same_logprobs(a: LLM, b: LLM, prompts: list[list[int]], tol: float) -
                          ids=["Q4_0", "Q8_0", "Q4_0+Q4_1"])
 def test_gguf_blocks_are_kept(tiny_gguf, qtype, parts, kind):
     """Q4_0 -> int4 (scale d, zero -8d), Q4_1 -> int4 (scale d, zero m), Q8_0 -> int8 (scale d): each weight
-    exactly what gguf.dequantize makes of it (the float model's, Q/K rows unpermuted alike); logprobs the float
-    model's."""
+    exactly what gguf.dequantize makes of it (the float model's, Q/K rows unpermuted alike); with the LM head kept
+    float, logprobs the float model's."""
     path = str(tiny_gguf(qtype, **parts))
-    f, g = LLM(path, **KNOBS), LLM(path, quantization="gguf", **KNOBS)
+    f, g = LLM(path, **KNOBS), LLM(path, quantization="gguf", quantize_lm_head=False, **KNOBS)
     assert f.model.config.quantization is None  # None keeps loading GGUF files as float
     assert g.model.quantization == "gguf"
     assert (g.model.config.quantization, g.model.config.quant_group_size) == (kind, 32)
@@ -180,14 +197,22 @@ def test_gguf_blocks_are_kept(tiny_gguf, qtype, parts, kind):
 
 def test_smollm2_q4_1_blocks_are_the_int4_requantization(smollm_llm, smollm_quantized):
     """The embedded SmolLM2 is a Q4_1 GGUF (blocks of 32 inputs, a scale and a minimum each; a Q8_0
-    embedding). int4 at load uses the same blocks, so its logprobs are the float model's; with the blocks kept
+    embedding). int4 at load uses the same blocks, so its weights are the float model's; with the blocks kept
     ("gguf") it is the int4 requantization again: the same kernels and zeros, its scales (recomputed in float32
     as (max - min) / 15) within an ulp of the stored fp16 d. (Q4_1 against gguf.dequantize:
     test_gguf_blocks_are_kept.)"""
     g, q = smollm_quantized("gguf"), smollm_quantized("int4")
     assert (g.model.config.quantization, g.model.config.quant_group_size) == ("int4", 32)
     assert q.model.params["layers_0"]["mlp"]["down_proj"]["scale"].shape == (1536 // 32, 576)
-    assert_same_logprobs(smollm_llm, q, [list(range(300, 340))], 1e-3)
+    for i in (0, 29):  # the float model's weights are the dequantized Q4_1 blocks: int4 gives them back
+        for name in PROJECTIONS:
+            got = layer(q.model.params, i, name)
+            want = np.asarray(layer(smollm_llm.model.params, i, name)["kernel"])
+            k = int(np.prod(want.shape[:2 if name == "o_proj" else 1]))
+            deq = dequantize(got["kernel"].reshape(k, -1), got["scale"].reshape(-1, want.size // k),
+                             got["zero"].reshape(-1, want.size // k), pack_half(want.shape[-1]))
+            np.testing.assert_allclose(np.asarray(deq), want.reshape(k, -1), rtol=0, atol=1e-6 * np.abs(want).max(),
+                                       err_msg=f"layer {i} {name}")
     requantized = dict(jax.tree_util.tree_flatten_with_path(q.model.params)[0])
     for path, x in jax.tree_util.tree_flatten_with_path(g.model.params)[0]:
         x, y = np.asarray(x), np.asarray(requantized[path])
@@ -196,7 +221,8 @@ def test_smollm2_q4_1_blocks_are_the_int4_requantization(smollm_llm, smollm_quan
             np.testing.assert_allclose(x, y, rtol=1.2e-7, atol=0)
         else:
             np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-    assert_same_logprobs(g, q, [list(range(300, 340))], 1e-4)
+    # Scales an ulp apart move the int8 LM head's two-level activations (int8_dot_two_level) across a rounding.
+    assert_same_logprobs(g, q, [list(range(300, 340))], 2e-3)
 
 
 @pytest.mark.parametrize("qtype,parts,found", [(Q.Q4_0, {"ffn_down": Q.Q8_0}, "Q4_0, Q8_0"), (Q.F32, {}, "F32"),

@@ -63,20 +63,23 @@ def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
 
 
 def quantize_params(params: dict, abstract: dict, shardings) -> dict:
-    """The float `params` of a model as the quantized model's tree `abstract` (unboxed) holds them: each int8
-    or int4 kernel `[*in, *out]` with its scale (and zero) `[groups, *out]`, made by
-    pallas_kernels.quant_matmul.quantize; every other leaf as it is. Runs on the devices, one leaf at a time,
-    placed by `shardings`."""
+    """The `params` of a model as the quantized model's tree `abstract` (unboxed) holds them: each int8 or int4
+    kernel `[*in, *out]` still in floats quantized with its scale (and zero) `[groups, *out]` by
+    pallas_kernels.quant_matmul.quantize; an int8 LM head missing from `params` (tied embeddings) made from the
+    embedding, transposed; every other leaf (already-quantized kernels included) as it is. Runs on the
+    devices, one leaf at a time, placed by `shardings`."""
     flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     out = {}
     jitted: dict = {}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     for path, leaf in leaves:
         keys = tuple(k.key for k in path)
-        if keys[-1] in ("scale", "zero") and keys[:-1] + ("kernel",) in out:
+        if keys in out:
             continue  # made with its kernel
-        value = flat_params[path]
-        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint8):
+        value = flat_params.get(path)
+        if value is None and keys == ("lm_head", "kernel"):
+            value = params["embed_tokens"]["embedding"].T
+        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint8) and value.dtype != leaf.dtype:
             made = [keys, keys[:-1] + ("scale",)] + ([keys[:-1] + ("zero",)] if leaf.dtype == jnp.uint8 else [])
             shapes = tuple(_at(abstract, k).shape for k in made)
             cache_key = (value.shape, value.dtype, shapes, tuple(_at(shardings, k) for k in made))

@@ -271,8 +271,9 @@ class CausalLM(nn.Module):
                                      embedding_init=_init(("vocab", "embed")))
         self.layers = [self.layer_cls(c, i, self.dtype, self.backend) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one, self.dtype)
-        if not c.tie_word_embeddings:
-            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), False, self.dtype, None)
+        if c.lm_head_int8 or not c.tie_word_embeddings:
+            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), False, self.dtype, None,
+                                 quantization="int8" if c.lm_head_int8 else None, backend=self.backend)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[KVPages],
                  md: AttentionMetadata, logits_indices: jax.Array | None = None
@@ -299,7 +300,7 @@ class CausalLM(nn.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """[n, embed] -> float32 logits [n, vocab] (Gemma 2: soft-capped)."""
         c = self.config
-        if c.tie_word_embeddings:  # E [vocab, embed] contracted on its own last dim: no transposed copy of E
+        if c.tie_word_embeddings and not c.lm_head_int8:  # E [vocab, embed] on its own last dim: no copy of E.T
             logits = jnp.einsum("ve,te->tv", self.embed_tokens.embedding.astype(self.dtype), x.astype(self.dtype))
         else:
             logits = self.lm_head(x)

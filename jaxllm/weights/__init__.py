@@ -58,12 +58,13 @@ LOAD_FORMATS = ("auto", "dummy")
 
 def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenizer: str | Path | None = None,
                mesh: Mesh | None = None, revision: str | None = None, attention_backend: str = "auto",
-               load_format: str = "auto", quantization: str | None = None) -> LoadedModel:
+               load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = True) -> LoadedModel:
     """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`.
 
     quantization "int8" / "int4" stores the linear layers' weights quantized (models.quantize_params);
     "awq" (an AWQ checkpoint, also taken when None) and "gguf" (a GGUF file of Q4_0/Q4_1 or Q8_0 linear layers)
-    keep the checkpoint's own quantized weights, as int4 / int8 in groups of its own size.
+    keep the checkpoint's own quantized weights, as int4 / int8 in groups of its own size. With any of them the
+    LM head goes to int8 too (a tied embedding gets an int8 copy), unless quantize_lm_head is False.
     load_format "dummy" reads only the config (a directory with just config.json will do) and makes random
     weights on the devices, for benchmarks; without a tokenizer there it gets a synthetic one of the
     model's vocabulary size.
@@ -92,10 +93,10 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     check_tensor_parallel(config, mesh.shape["model"])
     awq_group = awq_group_size(hf_config)  # None unless config.json describes an AWQ checkpoint
     quantization = _check_source_quantization(quantization, source, awq_group)
-    quantized = _quantized_config(config, quantization, gguf, awq_group) if quantization else None
+    quantized = _quantized_config(config, quantization, gguf, awq_group, quantize_lm_head) if quantization else None
     keep = quantization in ("awq", "gguf") and load_format != "dummy"  # built quantized, reads them as stored
-    module = build_model(quantized if keep else config, resolve_dtype(dtype, config, platform),
-                         resolve_backend(attention_backend, platform))
+    as_stored = dataclasses.replace(quantized, lm_head_int8=False) if keep else config
+    module = build_model(as_stored, resolve_dtype(dtype, config, platform), resolve_backend(attention_backend, platform))
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
     if load_format == "dummy":
@@ -114,7 +115,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
             builder.add(name, tensor)
         params = builder.build()
 
-    if quantization is not None and not keep:  # weights loaded as floats, then quantized on the devices
+    if quantized is not None and quantized != as_stored:  # float weights (and the LM head) quantized on the devices
         module = build_model(quantized, module.dtype, module.backend)
         abstract = abstract_params(module)
         params = quantize_params(params, nn.unbox(abstract), param_shardings(abstract, mesh))
@@ -138,7 +139,7 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
 
 def convert_checkpoint(src: str | Path | None, dst: str | Path, *, dtype: Any = "bfloat16") -> LoadedModel:
     """Load `src` in `dtype` and write it as a jaxllm (Orbax) checkpoint at `dst`."""
-    loaded = load_model(src, dtype=dtype, mesh=make_mesh(devices=jax.devices("cpu")))
+    loaded = load_model(src, dtype=dtype, mesh=make_mesh(devices=jax.devices("cpu")), quantize_lm_head=False)
     c = loaded.config
     freq_factors = c.ropes[0].freq_factors
     save_checkpoint(Path(dst), loaded.params, c.hf_config, loaded.tokenizer, dtype=loaded.dtype,
@@ -146,16 +147,18 @@ def convert_checkpoint(src: str | Path | None, dst: str | Path, *, dtype: Any = 
     return loaded
 
 
-def _quantized_config(config: ModelConfig, quantization: str, gguf: GGUFModel | None,
-                      awq_group: int | None) -> ModelConfig:
-    """`config` with how its linear layers hold their weights, and in groups of how many inputs."""
+def _quantized_config(config: ModelConfig, quantization: str, gguf: GGUFModel | None, awq_group: int | None,
+                      lm_head: bool) -> ModelConfig:
+    """`config` with how its linear layers hold their weights, in groups of how many inputs, and (`lm_head`) the LM
+    head in int8: one scale per vocab entry; a decode step's largest matmul, which llama.cpp's Q4 files hold in
+    6-8 bits (SmolLM2: +0.08% perplexity, benchmarks/RESULTS.md)."""
     if quantization == "awq":
-        return dataclasses.replace(config, quantization="int4", quant_group_size=awq_group)
-    if quantization == "gguf":
-        return dataclasses.replace(config, quantization=gguf.block_quantization(), quant_group_size=BLOCK_SIZE)
-    # int4 from GGUF: its blocks, requantized exactly; int8: one scale per channel (the fast CPU path)
-    group = BLOCK_SIZE if gguf is not None and quantization == "int4" else config.quant_group_size
-    return dataclasses.replace(config, quantization=quantization, quant_group_size=group)
+        layers, group = "int4", awq_group
+    elif quantization == "gguf":
+        layers, group = gguf.block_quantization(), BLOCK_SIZE
+    else:  # int4 from GGUF: its blocks, requantized exactly; int8: one scale per channel (the fast CPU path)
+        layers, group = quantization, BLOCK_SIZE if gguf is not None and quantization == "int4" else config.quant_group_size
+    return dataclasses.replace(config, quantization=layers, quant_group_size=group, lm_head_int8=lm_head)
 
 
 def _check_source_quantization(quantization: str | None, source: ModelSource, awq_group: int | None) -> str | None:
