@@ -127,13 +127,16 @@ def layer_totals(kernel_rows: list[dict]) -> dict:
 
 
 # label -> (quantization, kv_cache_dtype, smallest decode bucket or None for the runner's, [(batch, in, out)])
+# label: (quantization, kv_cache_dtype, smallest decode bucket or None, quantize_lm_head, [(batch, in, out)])
 ENGINE_CONFIGS = {
-    "bf16": (None, "auto", None, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
-    "int8": ("int8", "auto", None, [(1, 128, 256), (64, 128, 128)]),
-    "int8-rows8": ("int8", "auto", 8, [(1, 128, 256)]),
-    "int4": ("int4", "auto", None, [(1, 128, 256), (64, 128, 128)]),
-    "int4-rows1": ("int4", "auto", 1, [(1, 128, 256)]),
-    "bf16+kv-int8": (None, "int8", None, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
+    "bf16": (None, "auto", None, False, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
+    "int8": ("int8", "auto", None, True, [(1, 128, 256), (64, 128, 128)]),
+    "int8-bf16-head": ("int8", "auto", None, False, [(1, 128, 256), (64, 128, 128)]),
+    "int8-rows8": ("int8", "auto", 8, True, [(1, 128, 256)]),
+    "int4": ("int4", "auto", None, True, [(1, 128, 256), (64, 128, 128)]),
+    "int4-bf16-head": ("int4", "auto", None, False, [(1, 128, 256), (64, 128, 128)]),
+    "int4-rows1": ("int4", "auto", 1, True, [(1, 128, 256)]),
+    "bf16+kv-int8": (None, "int8", None, False, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
 }
 
 
@@ -144,13 +147,14 @@ def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
 
     rows = []
     for label in args.engine_configs:
-        quant, kv, min_rows, cases = ENGINE_CONFIGS[label]
+        quant, kv, min_rows, head, cases = ENGINE_CONFIGS[label]
         buckets = runner.decode_buckets
         if min_rows:  # the runner asks decode_buckets once, while LLM builds it
             runner.decode_buckets = lambda platform, quantization, n: runner.pow2_ladder(min_rows, max(n, min_rows))
         t = time.perf_counter()
         try:
             llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, kv_cache_dtype=kv,
+                      quantize_lm_head=head,
                       max_num_seqs=64, num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048,
                       enable_prefix_caching=False, warmup=False)
         finally:
@@ -166,6 +170,8 @@ def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
                   f"(load {load:.0f} s)", flush=True)
         del llm
         gc.collect()
+        with open(os.path.join(args.out, "quant_engine_partial.json"), "w") as f:  # a run cut short keeps these
+            json.dump(rows, f, indent=1)
     base = {(r["batch_size"], r["input_len"]): r["decode_tok_per_s"] for r in rows if r["quantization"] == "bf16"}
     for r in rows:
         if (r["batch_size"], r["input_len"]) in base:

@@ -7,7 +7,8 @@ implementation runs, and so which KV page layout is allocated, is decided here o
 
     backend               runs                                            KV pages (per layer, K and V)
     reference             jnp gather + softmax (.../reference.py)         [num_pages, page_size, kv_heads, head_dim]
-    xla                   jnp ragged tiles, dynamic KV loop (xla.py)      as reference
+    xla                   jnp ragged tiles, dynamic KV loop (xla.py);     as reference
+                          float32 decode steps on a CPU: C++ (cpu.py)
     pallas-gpu            the Pallas GPU kernel (Triton lowering, gpu.py) [kv_heads, num_pages, page_size, head_dim]
     pallas-tpu            the Pallas TPU kernel (Mosaic, tpu.py)          as pallas-gpu
     pallas-interpret      the GPU kernel in Pallas interpret mode (CPU)   as pallas-gpu
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pallas_kernels.paged_attention import gpu, reference, tpu, xla
+from pallas_kernels.paged_attention import cpu, gpu, reference, tpu, xla
 from pallas_kernels.paged_attention.reference import quantize_kv
 
 BACKENDS = ("reference", "xla", "pallas-gpu", "pallas-tpu", "pallas-interpret", "pallas-tpu-interpret")
@@ -174,6 +175,8 @@ def _paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv: KVPages, md: 
         k_scale, v_scale = write(kv.k_scale[..., None], kv.v_scale[..., None], ks, vs, md.slot_mapping)
         new = KVPages(k_pages, v_pages, k_scale[..., 0], v_scale[..., 0])
         extra = {**extra, "k_scale": new.k_scale, "v_scale": new.v_scale}
+    if backend == "xla" and cpu.supported(q, new.k, md.max_query_len, kv.k_scale is not None):
+        impl = cpu  # a decode step on a CPU: each key read once, no gathered copy of the pages
     out = impl.ragged_paged_attention(q, new.k, new.v, md.block_tables, md.seq_lens, md.query_start_loc,
                                       max_query_len=md.max_query_len, scale=scale, sliding_window=sliding_window,
                                       soft_cap=soft_cap, **extra)
