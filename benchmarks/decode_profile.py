@@ -1,0 +1,81 @@
+"""Batch-1 decode of the 8B shape on one GPU: is a step bound by the device or by the host launching it?
+
+    PYTHONPATH=. python benchmarks/decode_profile.py [--configs bf16 int8 int4] [--out DIR]
+
+Per weight configuration (random weights, quantized at load, the LM head as its label says): the wall time per
+generated token of a 64-token greedy generate (median of 3), then the same generate under jax.profiler: device
+busy time per token (the sum of kernel durations), kernels per token and the longest kernels. Busy well below
+wall is a device waiting for the host (batch-1 quantized steps launch several hundred small kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+from benchmarks.attention_profile import device_events
+from jaxllm import LLM, SamplingParams
+
+CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("int8", False), "int4": ("int4", True)}
+
+
+def profile_config(label: str, args: argparse.Namespace) -> dict:
+    quant, head = CONFIGS[label]
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, quantize_lm_head=head,
+              max_num_seqs=1, num_kv_pages=256, max_model_len=1024, enable_prefix_caching=False, warmup=False)
+    prompt = [{"prompt_token_ids": [i % llm.model.config.vocab_size for i in range(1000, 1128)]}]
+    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+
+    def run() -> float:
+        t = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    run()
+    wall = statistics.median(run() for _ in range(3)) / args.tokens
+    trace_dir = tempfile.mkdtemp(prefix=f"trace_{label}_")  # traces stay out of --out (tens of MB)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run()
+    events = device_events(trace_dir)
+    per_kernel = collections.defaultdict(list)
+    for e in events:
+        per_kernel[e["name"]].append(e["dur"])
+    top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:8]
+    row = {"config": label, "wall_ms_per_token": wall * 1e3,
+           "busy_ms_per_token": sum(e["dur"] for e in events) / 1e3 / args.tokens,
+           "kernels_per_token": len(events) / args.tokens,
+           "top": [(k[:80], len(v) / args.tokens, statistics.median(v)) for k, v in top]}
+    print(f"{label}: wall {row['wall_ms_per_token']:.2f} ms/token, device busy {row['busy_ms_per_token']:.2f} ms/token, "
+          f"{row['kernels_per_token']:.0f} kernels/token", flush=True)
+    for k, n, d in row["top"]:
+        print(f"    {n:6.1f}/token  median {d:8.1f} us  {k}", flush=True)
+    del llm
+    gc.collect()
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="benchmarks/models/llama-3.1-8b")
+    ap.add_argument("--configs", nargs="+", default=["bf16", "int8", "int4"], choices=list(CONFIGS))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    rows = [profile_config(label, args) for label in args.configs]
+    with open(os.path.join(args.out, "decode_profile.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
