@@ -22,6 +22,7 @@ import jax
 logger = logging.getLogger("jaxllm")
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+HEADER = Path(__file__).with_name("cpu_parallel.h")  # shared by the kernels (their parallel loop)
 
 
 def _cache_dir() -> Path:
@@ -48,15 +49,15 @@ def build(source: Path, compiler: str | None = None) -> Path:
     if exe is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX, or install g++)")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), version, " ".join(FLAGS), _cpu_flags(), jax.__version__,
-                                    platform.machine()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source.read_text(), HEADER.read_text(), version, " ".join(FLAGS), _cpu_flags(),
+                                    jax.__version__, platform.machine()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.parent.name}_{source.stem}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         lib = Path(tmp) / out.name
-        cmd = [exe, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(lib)]
+        cmd = [exe, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HEADER.parent}", str(source), "-o", str(lib)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -2,21 +2,19 @@
 // every visible key and value once, straight from the pages, with an online softmax. An XLA FFI custom call; cpu.py
 // compiles it (pallas_kernels/cpu_ffi.py) and falls back to xla.py for other steps, dtypes and head sizes.
 //
-// Work items are (sequence, KV head, split of its keys). The caller and tasks on XLA's intra-op pool claim items
-// from an atomic counter; each keeps, per query head of its group, a running max m, sum l and weighted sum of
-// values acc [head_dim], walking its keys 16 at a time. The caller then waits for claimed items only and merges
-// the splits: out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M), M = max_i m_i.
+// Work items are (sequence, KV head, split of its keys), run on the caller and XLA's intra-op pool
+// (cpu_parallel.h); each keeps, per query head of its group, a running max m, sum l and weighted sum of values
+// acc [head_dim], walking its keys 16 at a time. The caller then merges the splits:
+// out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M), M = max_i m_i.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -128,19 +126,6 @@ void item(Problem& p, int64_t index) {
   }
 }
 
-struct Work {
-  Problem p;
-  int64_t num_items;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_items;) {
-      item(p, i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 // `out` is never read: a caller may alias it to the result (tests pass a NaN-filled one).
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> seq_lens,
@@ -149,8 +134,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
     return ffi::Error::InvalidArgument("q [T, H, D], k and v [P, page, KVH, D], tables [S, pages] expected");
-  auto work = std::make_shared<Work>();
-  Problem& p = work->p;
+  Problem p;
   p.tokens = qd[0], p.heads = qd[1], p.dim = qd[2], p.page_size = kd[1], p.kv_heads = kd[2];
   p.seqs = td[0], p.pages_per_seq = td[1];
   if (kd[3] != p.dim || p.dim % kLanes || p.heads % p.kv_heads || p.heads / p.kv_heads > 64)
@@ -169,14 +153,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   // Enough items for every thread twice over, but splits of at least 64 keys.
   const int64_t want = (2 * threads + p.seqs * p.kv_heads - 1) / (p.seqs * p.kv_heads);
   p.splits = std::max<int64_t>(1, std::min(want, longest / 64));
-  work->num_items = p.seqs * p.kv_heads * p.splits;
-  p.m.resize(work->num_items * p.group);
-  p.l.resize(work->num_items * p.group);
-  p.acc.resize(work->num_items * p.group * p.dim);
-  const int64_t helpers = std::min(threads, work->num_items) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->num_items) std::this_thread::yield();
+  const int64_t num_items = p.seqs * p.kv_heads * p.splits;
+  p.m.resize(num_items * p.group);
+  p.l.resize(num_items * p.group);
+  p.acc.resize(num_items * p.group * p.dim);
+  jaxllm::ParallelFor(pool, num_items, [&p](int64_t i) { item(p, i); });
 
   std::fill(p.out, p.out + p.tokens * p.heads * p.dim, 0.0f);  // tokens without a query (padding) stay zero
   const int64_t D = p.dim;

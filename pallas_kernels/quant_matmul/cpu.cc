@@ -3,24 +3,21 @@
 // reads one (half a) byte per weight. An XLA FFI custom call; cpu.py compiles it with the machine's C++
 // compiler (-march=native) and registers it.
 //
-// Work splits into chunks of 16 * V output columns (64 at V = 4: one cache line of int8 per row of W). The
-// caller and tasks scheduled on XLA's intra-op thread pool claim chunks from an atomic counter; the caller
-// then waits only for chunks already claimed, so it never waits on a task the pool has not started.
+// Work splits into chunks of 16 * V output columns (64 at V = 4: one cache line of int8 per row of W), run on
+// the caller and XLA's intra-op pool (cpu_parallel.h).
 // Per chunk, rows of x go in blocks of up to 4: float32 accumulators [rows, V vectors of 16], one FMA per
 // weight and row. Groups (G > 1, or a zero) accumulate each group apart, then scale it (and add zero times
 // the group's sum of x).
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -198,28 +195,13 @@ std::pair<ChunkFn, int64_t> plan(const Problem& p) {
   return {grouped ? chunk<1, false, true> : chunk<1, false, false>, vecs};
 }
 
-struct Work {
-  Problem p;
-  ChunkFn fn;
-  int64_t num_chunks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
-      fn(p, c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 // `out` is never read: a caller may alias it to the result (tests pass a NaN-filled one to catch unwritten outputs).
 ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> zero, ffi::Buffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> y,
                        int64_t half, int64_t has_zero) {
   const auto xd = x.dimensions(), sd = scale.dimensions();
   if (xd.size() != 2 || sd.size() != 2) return ffi::Error::InvalidArgument("x and scale must be 2-D");
-  auto work = std::make_shared<Work>();
-  Problem& p = work->p;
+  Problem p;
   p.m = xd[0], p.k = xd[1], p.groups = sd[0], p.n = sd[1], p.half = half;
   const int64_t w_cols = half ? p.n / 2 : p.n;
   const auto wd = w.dimensions();
@@ -239,11 +221,8 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     for (int64_t r = 0; r < p.m; ++r)
       for (int64_t kk = 0; kk < p.k; ++kk) p.xsum[r * p.groups + kk / group] += p.x[r * p.k + kk];
   }
-  std::tie(work->fn, work->num_chunks) = plan(p);
-    const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->num_chunks) std::this_thread::yield();
+  const auto [fn, num_chunks] = plan(p);
+  jaxllm::ParallelFor(pool, num_chunks, [&p, fn = fn](int64_t c) { fn(p, c); });
   return ffi::Error::Success();
 }
 
