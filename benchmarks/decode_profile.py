@@ -54,13 +54,12 @@ def profile_config(label: str, args: argparse.Namespace) -> dict:
            "busy_ms_per_token": sum(e["dur"] for e in events) / 1e3 / args.tokens,
            "kernels_per_token": len(events) / args.tokens,
            "top": [(k[:80], len(v) / args.tokens, statistics.median(v)) for k, v in top]}
-    print(f"{label}: wall {row['wall_ms_per_token']:.2f} ms/token, device busy {row['busy_ms_per_token']:.2f} ms/token, "
+    print(f"{label}: wall {row['wall_ms_per_token']:.2f} ms/token, "
+          f"device busy {row['busy_ms_per_token']:.2f} ms/token, "
           f"{row['kernels_per_token']:.0f} kernels/token", flush=True)
     for k, n, d in row["top"]:
         print(f"    {n:6.1f}/token  median {d:8.1f} us  {k}", flush=True)
-    del llm
-    gc.collect()
-    return row
+    return row  # the engine goes with this frame; the caller collects it before the next config loads
 
 
 def main() -> int:
@@ -71,7 +70,10 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    rows = [profile_config(label, args) for label in args.configs]
+    rows = []
+    for label in args.configs:
+        rows.append(profile_config(label, args))
+        gc.collect()
     with open(os.path.join(args.out, "decode_profile.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return 0

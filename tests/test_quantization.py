@@ -96,7 +96,8 @@ def test_lm_head_kept_float_on_request(tiny_model):
     f, q = LLM(str(path), **KNOBS), LLM(str(path), quantization="int8", quantize_lm_head=False, **KNOBS)
     assert not q.model.config.lm_head_int8 and q.model.config.quantization == "int8"
     assert ("lm_head" in q.model.params) == ("lm_head" in f.model.params)
-    for a, b in zip(jax.tree.leaves(f.model.params.get("lm_head", {})), jax.tree.leaves(q.model.params.get("lm_head", {}))):
+    heads = [jax.tree.leaves(m.model.params.get("lm_head", {})) for m in (f, q)]
+    for a, b in zip(*heads):
         np.testing.assert_array_equal(a, b)
 
 

@@ -58,7 +58,8 @@ LOAD_FORMATS = ("auto", "dummy")
 
 def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenizer: str | Path | None = None,
                mesh: Mesh | None = None, revision: str | None = None, attention_backend: str = "auto",
-               load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = True) -> LoadedModel:
+               load_format: str = "auto", quantization: str | None = None,
+               quantize_lm_head: bool = True) -> LoadedModel:
     """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`.
 
     quantization "int8" / "int4" stores the linear layers' weights quantized (models.quantize_params);
@@ -96,7 +97,8 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     quantized = _quantized_config(config, quantization, gguf, awq_group, quantize_lm_head) if quantization else None
     keep = quantization in ("awq", "gguf") and load_format != "dummy"  # built quantized, reads them as stored
     as_stored = dataclasses.replace(quantized, lm_head_int8=False) if keep else config
-    module = build_model(as_stored, resolve_dtype(dtype, config, platform), resolve_backend(attention_backend, platform))
+    module = build_model(as_stored, resolve_dtype(dtype, config, platform),
+                         resolve_backend(attention_backend, platform))
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
     if load_format == "dummy":
@@ -157,7 +159,8 @@ def _quantized_config(config: ModelConfig, quantization: str, gguf: GGUFModel | 
     elif quantization == "gguf":
         layers, group = gguf.block_quantization(), BLOCK_SIZE
     else:  # int4 from GGUF: its blocks, requantized exactly; int8: one scale per channel (the fast CPU path)
-        layers, group = quantization, BLOCK_SIZE if gguf is not None and quantization == "int4" else config.quant_group_size
+        layers = quantization
+        group = BLOCK_SIZE if gguf is not None and quantization == "int4" else config.quant_group_size
     return dataclasses.replace(config, quantization=layers, quant_group_size=group, lm_head_int8=lm_head)
 
 
