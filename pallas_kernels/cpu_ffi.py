@@ -22,7 +22,7 @@ import jax
 logger = logging.getLogger("jaxllm")
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-HEADER = Path(__file__).with_name("cpu_parallel.h")  # shared by the kernels (their parallel loop)
+HEADER = Path(__file__).with_name("cpu_common.h")  # shared by the kernels: vector loads, the parallel loop
 
 
 def _cache_dir() -> Path:

@@ -19,7 +19,7 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import ConfigError
-from pallas_kernels.paged_attention import gpu, reference, tpu, xla
+from pallas_kernels.paged_attention import cpu, gpu, reference, tpu, xla
 from pallas_kernels.paged_attention.reference import quantize_kv
 from tests.attention_cases import make_case
 from tests.test_engine import mixed_prompts
@@ -52,9 +52,11 @@ def int8_case(seed: int, page_size: int, group: int, decode_only: bool):
     return case, q, pages, scales, dequant
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "gpu", "tpu"])
-@pytest.mark.parametrize("decode_only", [True, False])
+@pytest.mark.parametrize("impl,decode_only", [(impl, d) for impl in ("reference", "xla", "gpu", "tpu")
+                                              for d in (True, False)] + [("cpu", True)])
 def test_attention_on_int8_pages(impl, decode_only):
+    """Every implementation on int8 pages against the oracle on the dequantized ones (the C++ CPU kernel: decode
+    steps only, writing into a NaN-filled output)."""
     page_size, group = (8, 4) if decode_only else (16, 3)
     case, q, pages, scales, dequant = int8_case(11 + decode_only, page_size, group, decode_only)
     kw = dict(max_query_len=1 if decode_only else case.max_query_len, scale=64 ** -0.5)
@@ -64,6 +66,9 @@ def test_attention_on_int8_pages(impl, decode_only):
         run = functools.partial((gpu if impl == "gpu" else tpu).ragged_paged_attention, interpret=True)
         pages = [gpu.to_layout(p) for p in pages]
         scales = [s.transpose(2, 0, 1) for s in scales]
+    elif impl == "cpu":
+        assert cpu.supported(jnp.asarray(q), pages[0], 1, quantized=True)
+        run = functools.partial(cpu.ragged_paged_attention, out=jnp.full(q.shape, jnp.nan, jnp.float32))
     else:
         run = reference.ragged_paged_attention if impl == "reference" else xla.ragged_paged_attention
     got = run(jnp.asarray(q), *pages, *args, k_scale=scales[0], v_scale=scales[1], **kw)

@@ -1,6 +1,7 @@
 """The C++ decode-attention kernel (CPU decode steps) against the per-token numpy oracle, writing into a NaN-filled
 output (an element it skips stays NaN): lengths of one key, page multiples, long contexts split across threads,
 GQA groups, sliding windows and soft caps, a padding sequence and padding tokens (zeros), wide block tables.
+int8 pages: tests/test_kv_int8.py.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def test_matches_naive(group, head_dim, page_size, window, soft_cap, kv_lens):
 def test_takes_decode_steps_of_float32_only():
     q, pages = jnp.zeros((4, 8, 64), jnp.float32), jnp.zeros((6, 16, 2, 64), jnp.float32)
     assert cpu.supported(q, pages, 1, quantized=False)
+    assert cpu.supported(q, pages.astype(jnp.int8), 1, quantized=True)  # int8 pages: tests/test_kv_int8.py
     assert not cpu.supported(q, pages, 2, quantized=False)
     assert not cpu.supported(q, pages, 1, quantized=True)
     assert not cpu.supported(q.astype(jnp.bfloat16), pages.astype(jnp.bfloat16), 1, quantized=False)

@@ -1,9 +1,10 @@
 // Paged attention for decode steps on CPU (each sequence has at most one query token, its last position): reads
-// every visible key and value once, straight from the pages, with an online softmax. An XLA FFI custom call; cpu.py
+// every visible key and value once, straight from the pages (float32, or int8 with a scale per token and KV
+// head), with an online softmax. An XLA FFI custom call; cpu.py
 // compiles it (pallas_kernels/cpu_ffi.py) and falls back to xla.py for other steps, dtypes and head sizes.
 //
 // Work items are (sequence, KV head, split of its keys), run on the caller and XLA's intra-op pool
-// (cpu_parallel.h); each keeps, per query head of its group, a running max m, sum l and weighted sum of values
+// (cpu_common.h); each keeps, per query head of its group, a running max m, sum l and weighted sum of values
 // acc [head_dim], walking its keys 16 at a time. The caller then merges the splits:
 // out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M), M = max_i m_i.
 
@@ -14,24 +15,19 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_parallel.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;  // keys per block, and floats per vector
-typedef float f32v __attribute__((vector_size(64)));
+using jaxllm::f32v, jaxllm::kLanes;  // kLanes: floats per vector, and keys per block
 typedef int32_t i32v __attribute__((vector_size(64)));
 
-inline f32v load(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, f32v v) { std::memcpy(p, &v, sizeof v); }
+inline f32v load(const float* p) { return jaxllm::load_f32(p); }
+inline f32v load(const int8_t* p) { return jaxllm::to_f32<true>(p); }
+inline void store(float* p, f32v v) { jaxllm::store_f32(p, v); }
 
 inline float hsum(f32v v) {
   float s = 0;
@@ -58,7 +54,9 @@ inline f32v vexp(f32v x) {
 }
 
 struct Problem {
-  const float *q, *k, *v;  // q [tokens, heads, dim]; k, v [pages, page_size, kv_heads, dim]
+  const float* q;  // [tokens, heads, dim]
+  const void *k, *v;  // [pages, page_size, kv_heads, dim], float32 or int8
+  const float *k_scale, *v_scale;  // int8 pages: [pages, page_size, kv_heads]; float32 pages: null
   const int32_t *tables, *seq_lens, *starts;  // [seqs, pages_per_seq], [seqs], [seqs + 1]
   float* out;  // [tokens, heads, dim]
   int64_t tokens, heads, dim, page_size, kv_heads, seqs, pages_per_seq, group, splits;
@@ -74,6 +72,7 @@ struct Problem {
   }
 };
 
+template <typename T>
 void item(Problem& p, int64_t index) {
   const int64_t split = index % p.splits, h = index / p.splits % p.kv_heads, s = index / p.splits / p.kv_heads;
   const int64_t G = p.group, D = p.dim, base = index * G;
@@ -90,21 +89,24 @@ void item(Problem& p, int64_t index) {
   const float* q = p.q + (p.starts[s] * p.heads + h * G) * D;
   const int32_t* table = p.tables + s * p.pages_per_seq;
   float sc[64][kLanes];  // scores of this block, per query head (group <= 64, checked by the caller)
-  const float* keys[kLanes];
-  const float* values[kLanes];
+  const T* keys[kLanes];
+  const T* values[kLanes];
+  float k_scale[kLanes], v_scale[kLanes];
   for (int64_t j0 = begin; j0 < end; j0 += kLanes) {
     const int nk = static_cast<int>(std::min<int64_t>(kLanes, end - j0));
     for (int j = 0; j < nk; ++j) {
       const int64_t pos = j0 + j, slot = int64_t(table[pos / p.page_size]) * p.page_size + pos % p.page_size;
-      keys[j] = p.k + (slot * p.kv_heads + h) * D;
-      values[j] = p.v + (slot * p.kv_heads + h) * D;
+      keys[j] = static_cast<const T*>(p.k) + (slot * p.kv_heads + h) * D;
+      values[j] = static_cast<const T*>(p.v) + (slot * p.kv_heads + h) * D;
+      k_scale[j] = p.k_scale ? p.k_scale[slot * p.kv_heads + h] : 1.0f;
+      v_scale[j] = p.v_scale ? p.v_scale[slot * p.kv_heads + h] : 1.0f;
     }
     for (int64_t g = 0; g < G; ++g) {
       for (int j = 0; j < kLanes; ++j) sc[g][j] = -std::numeric_limits<float>::infinity();
       for (int j = 0; j < nk; ++j) {
         f32v dot = {};
         for (int64_t d = 0; d < D; d += kLanes) dot += load(q + g * D + d) * load(keys[j] + d);
-        float x = hsum(dot) * p.scale;
+        float x = hsum(dot) * k_scale[j] * p.scale;
         if (p.soft_cap) x = p.soft_cap * std::tanh(x / p.soft_cap);
         sc[g][j] = x;
       }
@@ -119,7 +121,7 @@ void item(Problem& p, int64_t index) {
       m[g] = m_new;
       for (int64_t d = 0; d < D; d += kLanes) {
         f32v o = load(a + d) * alpha;
-        for (int j = 0; j < nk; ++j) o += probs[j] * load(values[j] + d);
+        for (int j = 0; j < nk; ++j) o += probs[j] * v_scale[j] * load(values[j] + d);
         store(a + d, o);
       }
     }
@@ -127,10 +129,12 @@ void item(Problem& p, int64_t index) {
 }
 
 // `out` is never read: a caller may alias it to the result (tests pass a NaN-filled one).
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> seq_lens,
-                           ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> y,
-                           float scale, float soft_cap, int64_t window) {
+// k_scale, v_scale: read only with int8 pages (`quantized`).
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> seq_lens, ffi::Buffer<ffi::S32> starts,
+                           ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> y, float scale, float soft_cap, int64_t window,
+                           int64_t quantized) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
     return ffi::Error::InvalidArgument("q [T, H, D], k and v [P, page, KVH, D], tables [S, pages] expected");
@@ -140,7 +144,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (kd[3] != p.dim || p.dim % kLanes || p.heads % p.kv_heads || p.heads / p.kv_heads > 64)
     return ffi::Error::InvalidArgument("head_dim must match and be a multiple of 16; group <= 64");
   p.group = p.heads / p.kv_heads;
-  p.q = q.typed_data(), p.k = k.typed_data(), p.v = v.typed_data();
+  const auto page_type = quantized ? ffi::DataType::S8 : ffi::DataType::F32;
+  if (k.element_type() != page_type || v.element_type() != page_type)
+    return ffi::Error::InvalidArgument("pages must be float32, or int8 with quantized = 1");
+  p.q = q.typed_data(), p.k = k.untyped_data(), p.v = v.untyped_data();
+  p.k_scale = quantized ? k_scale.typed_data() : nullptr, p.v_scale = quantized ? v_scale.typed_data() : nullptr;
   p.tables = tables.typed_data(), p.seq_lens = seq_lens.typed_data(), p.starts = starts.typed_data();
   p.out = y->typed_data();
   p.scale = scale, p.soft_cap = soft_cap, p.window = window;
@@ -157,7 +165,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   p.m.resize(num_items * p.group);
   p.l.resize(num_items * p.group);
   p.acc.resize(num_items * p.group * p.dim);
-  jaxllm::ParallelFor(pool, num_items, [&p](int64_t i) { item(p, i); });
+  const auto run = quantized ? item<int8_t> : item<float>;
+  jaxllm::ParallelFor(pool, num_items, [&p, run](int64_t i) { run(p, i); });
 
   std::fill(p.out, p.out + p.tokens * p.heads * p.dim, 0.0f);  // tokens without a query (padding) stay zero
   const int64_t D = p.dim;
@@ -190,13 +199,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<float>("soft_cap")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("quantized"));

@@ -4,7 +4,7 @@
 // compiler (-march=native) and registers it.
 //
 // Work splits into chunks of 16 * V output columns (64 at V = 4: one cache line of int8 per row of W), run on
-// the caller and XLA's intra-op pool (cpu_parallel.h).
+// the caller and XLA's intra-op pool (cpu_common.h).
 // Per chunk, rows of x go in blocks of up to 4: float32 accumulators [rows, V vectors of 16], one FMA per
 // weight and row. Groups (G > 1, or a zero) accumulate each group apart, then scale it (and add zero times
 // the group's sum of x).
@@ -13,21 +13,15 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#include "cpu_parallel.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
+using jaxllm::f32v, jaxllm::kLanes, jaxllm::load_f32, jaxllm::store_f32, jaxllm::to_f32;
 constexpr int kPrefetch = 32;  // rows of W ahead: a chunk walks W's rows N bytes apart, too far for the prefetcher
-typedef float f32v __attribute__((vector_size(64)));
-
 struct Problem {
   const float* x;        // [m, k]
   const uint8_t* w;      // int8 [k, n] or int4 bytes [k, n / 2]
@@ -38,44 +32,6 @@ struct Problem {
   std::vector<float> xsum;  // [m, groups]: each group's sum of x, when there is a zero
 };
 
-inline f32v load_f32(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store_f32(float* p, f32v v) { std::memcpy(p, &v, sizeof v); }
-
-// 16 bytes (int8, or uint8 nibbles already masked) -> 16 floats. GCC scalarizes __builtin_convertvector from
-// 8- to 32-bit lanes, so x86 gets the sign/zero extension and conversion instructions by hand.
-template <bool SIGNED>
-inline f32v to_f32(const void* bytes, int shift = 0) {
-#if defined(__AVX512F__)
-  __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(bytes));
-  if (!SIGNED) b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(15));
-  const __m512i i = SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
-  f32v out;
-  const __m512 f = _mm512_cvtepi32_ps(i);
-  std::memcpy(&out, &f, sizeof out);
-  return out;
-#elif defined(__AVX2__)
-  __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(bytes));
-  if (!SIGNED) b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(15));
-  const __m256i lo = SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
-  const __m256i hi = SIGNED ? _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)) : _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-  const __m256 f[2] = {_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)};
-  f32v out;
-  std::memcpy(&out, f, sizeof out);
-  return out;
-#else
-  f32v out;
-  for (int i = 0; i < kLanes; ++i) {
-    const uint8_t b = static_cast<const uint8_t*>(bytes)[i];
-    out[i] = SIGNED ? float(static_cast<int8_t>(b)) : float((b >> shift) & 15);
-  }
-  return out;
-#endif
-}
 
 // One chunk's weights at row `kk` as V float vectors; col[v] is the first output column of vector v.
 template <int V, bool INT4>
