@@ -1,11 +1,12 @@
-"""Batch-1 decode of the 8B shape on one GPU: is a step bound by the device or by the host launching it?
+"""Decode of the 8B shape on one GPU: is a step bound by the device or by the host launching it?
 
-    PYTHONPATH=. python benchmarks/decode_profile.py [--configs bf16 int8 int4] [--out DIR]
+    PYTHONPATH=. python benchmarks/decode_profile.py [--configs bf16 int8 int4] [--batch 1] [--out DIR]
 
 Per weight configuration (random weights, quantized at load, the LM head as its label says): the wall time per
-generated token of a 64-token greedy generate (median of 3), then the same generate under jax.profiler: device
-busy time per token (the sum of kernel durations), kernels per token and the longest kernels. Busy well below
-wall is a device waiting for the host (batch-1 quantized steps launch several hundred small kernels).
+decode step of a 64-token greedy generate of `--batch` sequences (median of 3, less a 1-token generate), then
+the same generate under jax.profiler: device busy time per step (the sum of kernel durations over the whole
+generate, prefill included, per decode step), kernels per step and the longest kernels. Busy well below wall
+is a device waiting for the host (quantized steps launch several hundred small kernels).
 """
 
 from __future__ import annotations
@@ -31,17 +32,18 @@ CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("in
 def profile_config(label: str, args: argparse.Namespace) -> dict:
     quant, head = CONFIGS[label]
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, quantize_lm_head=head,
-              max_num_seqs=1, num_kv_pages=256, max_model_len=1024, enable_prefix_caching=False, warmup=False)
-    prompt = [{"prompt_token_ids": [i % llm.model.config.vocab_size for i in range(1000, 1128)]}]
-    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-
-    def run() -> float:
+              max_num_seqs=args.batch, num_kv_pages=256 * args.batch, max_model_len=1024, enable_prefix_caching=False,
+              warmup=False)
+    vocab = llm.model.config.vocab_size
+    prompt = [{"prompt_token_ids": [(i + 7 * b) % vocab for i in range(1000, 1128)]} for b in range(args.batch)]
+    def run(n: int = args.tokens) -> float:
         t = time.perf_counter()
-        llm.generate(prompt, params, use_tqdm=False)
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         return time.perf_counter() - t
 
     run()
-    wall = statistics.median(run() for _ in range(3)) / args.tokens
+    prefill = statistics.median(run(1) for _ in range(3))  # and the first token: taken off the wall time
+    wall = (statistics.median(run() for _ in range(3)) - prefill) / (args.tokens - 1)
     trace_dir = tempfile.mkdtemp(prefix=f"trace_{label}_")  # traces stay out of --out (tens of MB)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         run()
@@ -50,15 +52,15 @@ def profile_config(label: str, args: argparse.Namespace) -> dict:
     for e in events:
         per_kernel[e["name"]].append(e["dur"])
     top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:8]
-    row = {"config": label, "wall_ms_per_token": wall * 1e3,
-           "busy_ms_per_token": sum(e["dur"] for e in events) / 1e3 / args.tokens,
-           "kernels_per_token": len(events) / args.tokens,
+    row = {"config": label, "batch": args.batch, "wall_ms_per_step": wall * 1e3,
+           "busy_ms_per_step": sum(e["dur"] for e in events) / 1e3 / args.tokens,
+           "kernels_per_step": len(events) / args.tokens,
            "top": [(k[:80], len(v) / args.tokens, statistics.median(v)) for k, v in top]}
-    print(f"{label}: wall {row['wall_ms_per_token']:.2f} ms/token, "
-          f"device busy {row['busy_ms_per_token']:.2f} ms/token, "
-          f"{row['kernels_per_token']:.0f} kernels/token", flush=True)
+    print(f"{label}: wall {row['wall_ms_per_step']:.2f} ms/step, "
+          f"device busy {row['busy_ms_per_step']:.2f} ms/step, "
+          f"{row['kernels_per_step']:.0f} kernels/step", flush=True)
     for k, n, d in row["top"]:
-        print(f"    {n:6.1f}/token  median {d:8.1f} us  {k}", flush=True)
+        print(f"    {n:6.1f}/step  median {d:8.1f} us  {k}", flush=True)
     return row  # the engine goes with this frame; the caller collects it before the next config loads
 
 
@@ -67,6 +69,7 @@ def main() -> int:
     ap.add_argument("--model", default="benchmarks/models/llama-3.1-8b")
     ap.add_argument("--configs", nargs="+", default=["bf16", "int8", "int4"], choices=list(CONFIGS))
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
