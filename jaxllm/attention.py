@@ -8,7 +8,7 @@ implementation runs, and so which KV page layout is allocated, is decided here o
     backend               runs                                            KV pages (per layer, K and V)
     reference             jnp gather + softmax (.../reference.py)         [num_pages, page_size, kv_heads, head_dim]
     xla                   jnp ragged tiles, dynamic KV loop (xla.py);     as reference
-                          float32 decode steps on a CPU: C++ (cpu.py)
+                          decode steps on a CPU: C++ (cpu.py)
     pallas-gpu            the Pallas GPU kernel (Triton lowering, gpu.py) [kv_heads, num_pages, page_size, head_dim]
     pallas-tpu            the Pallas TPU kernel (Mosaic, tpu.py)          as pallas-gpu
     pallas-interpret      the GPU kernel in Pallas interpret mode (CPU)   as pallas-gpu

@@ -6,7 +6,6 @@ int8 pages: tests/test_kv_int8.py.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,4 +50,3 @@ def test_takes_decode_steps_of_float32_only():
     with pytest.raises(ValueError, match="max_query_len == 1"):
         cpu.ragged_paged_attention(q, pages, pages, jnp.zeros((2, 3), jnp.int32), jnp.ones(2, jnp.int32),
                                    jnp.arange(3, dtype=jnp.int32), max_query_len=4, scale=1.0)
-    assert jax.default_backend() == "cpu"
