@@ -64,7 +64,6 @@ inline f32v to_f32(const void* bytes, int shift = 0) {
 #endif
 }
 
-
 inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};

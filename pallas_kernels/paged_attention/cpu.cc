@@ -1,7 +1,7 @@
 // Paged attention for decode steps on CPU (each sequence has at most one query token, its last position): reads
 // every visible key and value once, straight from the pages (float32, or int8 with a scale per token and KV
-// head), with an online softmax. An XLA FFI custom call; cpu.py
-// compiles it (pallas_kernels/cpu_ffi.py) and falls back to xla.py for other steps, dtypes and head sizes.
+// head), with an online softmax. An XLA FFI custom call; cpu.py compiles it (pallas_kernels/cpu_ffi.py) and
+// falls back to xla.py for other steps, dtypes and head sizes.
 //
 // Work items are (sequence, KV head, split of its keys), run on the caller and XLA's intra-op pool
 // (cpu_common.h); each keeps, per query head of its group, a running max m, sum l and weighted sum of values
@@ -174,8 +174,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::A
     const auto [lo, hi] = p.visible(s);
     if (lo >= hi) continue;
     for (int64_t h = 0; h < p.kv_heads; ++h) {
+      const int64_t first = (s * p.kv_heads + h) * p.splits;
       for (int64_t g = 0; g < p.group; ++g) {
-        const int64_t first = (s * p.kv_heads + h) * p.splits;
         float big = -std::numeric_limits<float>::infinity(), total = 0;
         for (int64_t i = 0; i < p.splits; ++i) big = std::max(big, p.m[(first + i) * p.group + g]);
         float* o = p.out + (p.starts[s] * p.heads + h * p.group + g) * D;

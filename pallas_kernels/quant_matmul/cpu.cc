@@ -10,7 +10,7 @@
 // the group's sum of x).
 
 #include <cstdint>
-#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu_common.h"
@@ -22,6 +22,7 @@ namespace {
 
 using jaxllm::f32v, jaxllm::kLanes, jaxllm::load_f32, jaxllm::store_f32, jaxllm::to_f32;
 constexpr int kPrefetch = 32;  // rows of W ahead: a chunk walks W's rows N bytes apart, too far for the prefetcher
+
 struct Problem {
   const float* x;        // [m, k]
   const uint8_t* w;      // int8 [k, n] or int4 bytes [k, n / 2]
@@ -31,7 +32,6 @@ struct Problem {
   int64_t m, k, n, groups, half;  // half: int4's half-block width (0 for int8)
   std::vector<float> xsum;  // [m, groups]: each group's sum of x, when there is a zero
 };
-
 
 // One chunk's weights at row `kk` as V float vectors; col[v] is the first output column of vector v.
 template <int V, bool INT4>
