@@ -33,8 +33,8 @@ from benchmarks import attention_h100 as bench  # noqa: E402
 from pallas_kernels.paged_attention import gpu  # noqa: E402
 
 
-def device_events(trace_dir: str) -> list[dict]:
-    """Complete events ("ph": "X") on the GPU's processes of the perfetto trace under trace_dir."""
+def trace_events(trace_dir: str) -> tuple[list[dict], list[dict]]:
+    """Complete events ("ph": "X") of the perfetto trace under trace_dir: (on the GPU's processes, the rest)."""
     (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(path) as f:
         data = json.load(f)
@@ -43,7 +43,13 @@ def device_events(trace_dir: str) -> list[dict]:
     gpu_pids = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
     if not gpu_pids:
         print(f"    (no GPU process in the trace; processes: {sorted(names.values())})")
-    return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    return [e for e in complete if e["pid"] in gpu_pids], [e for e in complete if e["pid"] not in gpu_pids]
+
+
+def device_events(trace_dir: str) -> list[dict]:
+    """Complete events on the GPU's processes of the perfetto trace under trace_dir."""
+    return trace_events(trace_dir)[0]
 
 
 def profile(name: str, run, calls: int, reps: int, out: str) -> dict:

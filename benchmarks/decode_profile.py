@@ -1,12 +1,15 @@
 """Decode of the 8B shape on one GPU: is a step bound by the device or by the host launching it?
 
-    PYTHONPATH=. python benchmarks/decode_profile.py [--configs bf16 int8 int4] [--batch 1] [--out DIR]
+    PYTHONPATH=. python benchmarks/decode_profile.py [--configs bf16 int8 int4] [--batch 1] [--pointers]
+        [--fresh-buffers] [--out DIR]
 
 Per weight configuration (random weights, quantized at load, the LM head as its label says): the wall time per
 decode step of a 64-token greedy generate of `--batch` sequences (median of 3, less a 1-token generate), then
 the same generate under jax.profiler: device busy time per step (the sum of kernel durations over the whole
 generate, prefill included, per decode step), kernels per step and the longest kernels. Busy well below wall
-is a device waiting for the host (quantized steps launch several hundred small kernels).
+is a device waiting for the host (quantized steps launch several hundred small kernels); where the host's
+time goes is listed by event name (a `command_buffer::update` per step means XLA re-records the CUDA graph:
+some buffer moved, which --pointers shows). "-apart" configs run q/k/v and gate/up as separate kernel calls.
 """
 
 from __future__ import annotations
@@ -23,13 +26,22 @@ import time
 
 import jax
 
-from benchmarks.attention_profile import device_events
-from jaxllm import LLM, SamplingParams
+from benchmarks.attention_profile import trace_events
+from jaxllm import LLM, SamplingParams, runner
+from pallas_kernels.quant_matmul import gpu
 
-CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("int8", False), "int4": ("int4", True)}
+CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("int8", False), "int4": ("int4", True),
+           "int8-apart": ("int8", True), "int4-apart": ("int4", True)}  # -apart: q/k/v, gate/up as separate calls
 
 
 def profile_config(label: str, args: argparse.Namespace) -> dict:
+    if label.endswith("-apart"):  # the layer's matmuls one kernel call each, as before quant_matmul_many
+        supported_many = gpu.supported_many
+        gpu.supported_many = lambda *a: False
+        try:
+            return profile_config(label[:-len("-apart")], args) | {"config": label}
+        finally:
+            gpu.supported_many = supported_many
     quant, head = CONFIGS[label]
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, quantize_lm_head=head,
               max_num_seqs=args.batch, num_kv_pages=256 * args.batch, max_model_len=1024, enable_prefix_caching=False,
@@ -42,12 +54,14 @@ def profile_config(label: str, args: argparse.Namespace) -> dict:
         return time.perf_counter() - t
 
     run()
+    if args.pointers:  # do the step's buffers keep their addresses? (a moved one makes XLA re-record the graph)
+        report_pointers(llm, run)
     prefill = statistics.median(run(1) for _ in range(3))  # and the first token: taken off the wall time
     wall = (statistics.median(run() for _ in range(3)) - prefill) / (args.tokens - 1)
     trace_dir = tempfile.mkdtemp(prefix=f"trace_{label}_")  # traces stay out of --out (tens of MB)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         run()
-    events = device_events(trace_dir)
+    events, host = trace_events(trace_dir)
     per_kernel = collections.defaultdict(list)
     for e in events:
         per_kernel[e["name"]].append(e["dur"])
@@ -61,7 +75,60 @@ def profile_config(label: str, args: argparse.Namespace) -> dict:
           f"{row['kernels_per_step']:.0f} kernels/step", flush=True)
     for k, n, d in row["top"]:
         print(f"    {n:6.1f}/step  median {d:8.1f} us  {k}", flush=True)
+    row.update(idle_and_host(events, host, args.tokens))
     return row  # the engine goes with this frame; the caller collects it before the next config loads
+
+
+def report_pointers(llm: LLM, run) -> None:
+    """Device addresses of the step's buffers over a few decode steps (printed)."""
+    step_runner = llm.llm_engine.runner
+    orig, seen = step_runner._run_step, []
+
+    def spy(key, inputs, mode, plp):  # noqa: ANN001
+        out = orig(key, inputs, mode, plp)
+        bufs = step_runner._out_bufs.get(key, (None, None))
+        arrays = [*bufs, *step_runner._staged.values(), step_runner.prev_tokens,
+                  jax.tree.leaves(step_runner.kv_caches)[0], out[0]]
+        seen.append((key, *(a.unsafe_buffer_pointer() if a is not None else 0 for a in arrays)))
+        return out
+
+    step_runner._run_step = spy
+    try:
+        run(6)
+    finally:
+        step_runner._run_step = orig
+    print("    pointers (bucket, logits, hidden, staged inputs..., prev_tokens, kv[0], step output):", flush=True)
+    for row in seen:
+        print("        " + " ".join(f"{v:x}" if isinstance(v, int) else str(v) for v in row), flush=True)
+
+
+def idle_and_host(events: list[dict], host: list[dict], steps: int) -> dict:
+    """Where the device idles: gaps between consecutive kernels of a stream (under 200 us: inside a step),
+    summed per step and by the kernel that waited; and the host's events by name (count and time per step)."""
+    streams = collections.defaultdict(list)
+    for e in events:
+        streams[e["pid"], e["tid"]].append(e)
+    waited = collections.defaultdict(float)
+    for evs in streams.values():
+        evs.sort(key=lambda e: e["ts"])
+        for a, b in zip(evs, evs[1:]):
+            gap = b["ts"] - (a["ts"] + a["dur"])
+            if 0 < gap < 200:
+                waited[b["name"][:70]] += gap
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in host:
+        by_name[e["name"][:70]][0] += 1
+        by_name[e["name"][:70]][1] += e["dur"]
+    out = {"gap_ms_per_step": sum(waited.values()) / 1e3 / steps,
+           "gaps_before": [(k, v / steps) for k, v in sorted(waited.items(), key=lambda kv: -kv[1])[:8]],
+           "host": [(k, n / steps, t / steps) for k, (n, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]]}
+    print(f"    in-step gaps {out['gap_ms_per_step']:.2f} ms/step; the kernels that waited most (us/step):", flush=True)
+    for k, v in out["gaps_before"]:
+        print(f"        {v:8.1f}  {k}", flush=True)
+    print("    host events (count/step, us/step):", flush=True)
+    for k, n, t in out["host"]:
+        print(f"        {n:8.1f} {t:9.1f}  {k}", flush=True)
+    return out
 
 
 def main() -> int:
@@ -70,11 +137,16 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=["bf16", "int8", "int4"], choices=list(CONFIGS))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--pointers", action="store_true", help="print the step buffers' device addresses")
+    ap.add_argument("--fresh-buffers", action="store_true",
+                    help="steps take fresh input and output buffers, as before runner.STABLE_ADDRESSES")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    runner.STABLE_ADDRESSES = not args.fresh_buffers
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     rows = []
     for label in args.configs:
+        print(f"== {label}", flush=True)
         rows.append(profile_config(label, args))
         gc.collect()
     with open(os.path.join(args.out, "decode_profile.json"), "w") as f:

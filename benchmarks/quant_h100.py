@@ -26,9 +26,10 @@ import time
 import jax
 import jax.numpy as jnp
 from jaxllm import LLM, bench
-from pallas_kernels.quant_matmul import gpu, pack_half, quant_linear, quantize, reference
+from pallas_kernels.quant_matmul import gpu, int8_dot_two_level, pack_half, quant_linear, quantize, reference
 
 SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (4096, 1024), "gate/up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+FUSED_SHAPES = {"qkv_fused": (4096, 6144), "gate_up_fused": (4096, 28672)}  # what one call over q|k|v, gate|up reads
 LAYER_COUNT = {"q/o_proj": 2, "k/v_proj": 2, "gate/up_proj": 2, "down_proj": 1}  # per decoder layer
 KNOBS = [{}, {"body": "dot", "convert": "cast"}, {"body": "dot"}, {"body": "dot", "block_n": 256},
          {"body": "gemv", "block_k": 64, "num_warps": 8},
@@ -53,16 +54,17 @@ def chain_time(fn, xs, weights: list, reps: int = 5, calls: int = 4) -> float:
     return statistics.median(samples)
 
 
-def kernel_table(bw: float, batches: list[int], smoke: bool, shapes: list[str], knobs_list: list[dict]) -> list[dict]:
+def kernel_table(bw: float, batches: list[int], smoke: bool, shapes: list[str], knobs_list: list[dict],
+                 bits_list: list[int], budget_mib: int) -> list[dict]:
     rows = []
     key = jax.random.key(0)
-    budget = (1 << 30) if not smoke else (1 << 20)
+    budget = (budget_mib << 20) if not smoke else (1 << 20)
     for name in shapes:
-        k, n = SHAPES[name]
+        k, n = {**SHAPES, **FUSED_SHAPES}[name]
         if smoke:  # CPU: the script's own check, small shapes through the interpreter
             k, n = k // 16, n // 16
         w = 0.02 * jax.random.normal(key, (k, n), jnp.float32)
-        for bits, group in [(8, k), (4, 128)]:
+        for bits, group in [(b, k if b == 8 else 128) for b in bits_list]:
             groups = k // group
             half = pack_half(n) if bits == 4 else None
             stored = quantize(w, bits, groups, half)
@@ -81,6 +83,10 @@ def kernel_table(bw: float, batches: list[int], smoke: bool, shapes: list[str], 
                 row["bf16_us"] = chain_time(lambda x, d: jnp.dot(x, d), x, dense_copies) * 1e6
                 row["xla_us"] = chain_time(lambda x, q, s, z: quant_linear(x, q, s, z, half, jnp.bfloat16, "xla"),
                                            x, qcopies) * 1e6
+                if bits == 8:  # x split in two int8 rows, an s8 x s8 -> s32 dot (cuBLAS / XLA's own GEMM)
+                    got = int8_dot_two_level(x, *stored[:2])
+                    row["s8_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                    row["s8_us"] = chain_time(lambda x, q, s, z: int8_dot_two_level(x, q, s), x, qcopies) * 1e6
                 for knobs in knobs_list:
                     label = "kernel" + "".join(f" {a}={b}" for a, b in knobs.items())
                     try:
@@ -100,25 +106,26 @@ def kernel_table(bw: float, batches: list[int], smoke: bool, shapes: list[str], 
                 row["kernel_of_bw"] = row["kernel_TBps"] * 1e12 / bw
                 row["bf16_of_bw"] = 2 * k * n / (row["bf16_us"] * 1e-6) / bw
                 rows.append(row)
+                s8 = f" | s8 {row['s8_us']:7.1f} (err {row['s8_err']:.1e})" if "s8_us" in row else ""
                 print(f"{name:13s} int{bits} g{group:5d} M={m:3d} err {err:.1e} | bf16 {row['bf16_us']:7.1f} us "
-                      f"({row['bf16_of_bw']:.0%}) | xla {row['xla_us']:7.1f} | kernel {row['kernel_us']:7.1f} "
+                      f"({row['bf16_of_bw']:.0%}) | xla {row['xla_us']:7.1f}{s8} | kernel {row['kernel_us']:7.1f} "
                       f"({row['kernel_of_bw']:.0%} of bw) | best {best[1]} {best[0]:.1f}", flush=True)
             del qcopies, dense_copies
             gc.collect()
     return rows
 
 
-def layer_totals(kernel_rows: list[dict]) -> dict:
+def layer_totals(kernel_rows: list[dict], knobs_list: list[dict]) -> dict:
     """Per (bits, M): the knob setting with the least time over one decoder layer's matmuls (a setting that
     failed on any shape is out), beside the default's."""
     best_knobs = {}
     for bits, m in sorted({(r["bits"], r["M"]) for r in kernel_rows}):
-        rows = [r for r in kernel_rows if r["bits"] == bits and r["M"] == m]
+        rows = [r for r in kernel_rows if r["bits"] == bits and r["M"] == m and r["shape"] in LAYER_COUNT]
         labels = [k_ for k_ in rows[0] if k_.startswith("kernel") and k_.endswith("_us")]
         totals = {lab: sum(LAYER_COUNT[r["shape"]] * r[lab] for r in rows) for lab in labels
                   if all(r.get(lab) for r in rows)}
         best = min(totals, key=totals.get)
-        knobs = next(kn for kn in KNOBS if "kernel" + "".join(f" {a}={b}" for a, b in kn.items()) + "_us" == best)
+        knobs = next(kn for kn in knobs_list if "kernel" + "".join(f" {a}={b}" for a, b in kn.items()) + "_us" == best)
         best_knobs[f"int{bits} M={m}"] = {"knobs": knobs, "layer_us": totals[best], "default_layer_us":
                                           totals.get("kernel_us"), "totals_us": totals}
         print(f"int{bits} M={m}: {best[:-3]} ({totals[best]:.1f} us per layer; default "
@@ -129,7 +136,8 @@ def layer_totals(kernel_rows: list[dict]) -> dict:
 # label -> (quantization, kv_cache_dtype, smallest decode bucket or None for the runner's, [(batch, in, out)])
 # label: (quantization, kv_cache_dtype, smallest decode bucket or None, quantize_lm_head, [(batch, in, out)])
 ENGINE_CONFIGS = {
-    "bf16": (None, "auto", None, False, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
+    "bf16": (None, "auto", None, False, [(1, 128, 256), (64, 128, 128)]),
+    "bf16-1024": (None, "auto", None, False, [(64, 1024, 128)]),  # beside bf16+kv-int8's
     "int8": ("int8", "auto", None, True, [(1, 128, 256), (64, 128, 128)]),
     "int8-bf16-head": ("int8", "auto", None, False, [(1, 128, 256), (64, 128, 128)]),
     "int8-rows8": ("int8", "auto", 8, True, [(1, 128, 256)]),
@@ -185,7 +193,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="benchmarks/models/llama-3.1-8b")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=[*SHAPES, *FUSED_SHAPES])
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[8, 4])
+    ap.add_argument("--budget-mib", type=int, default=1024, help="distinct weight copies per chain (> L2)")
     ap.add_argument("--knobs", default=None, help="JSON list of kernel knob settings to time (default: KNOBS)")
     ap.add_argument("--engine-first", action="store_true", help="the model runs before the kernel table")
     ap.add_argument("--engine-configs", nargs="+", default=list(ENGINE_CONFIGS), choices=list(ENGINE_CONFIGS))
@@ -205,13 +215,14 @@ def main() -> int:
         with open(os.path.join(args.out, "quant_h100.json"), "w") as f:
             json.dump(res, f, indent=1)
 
-    parts = [("kernel", not args.skip_kernel, lambda: kernel_table(bw, args.batches, args.smoke, args.shapes, knobs)),
+    parts = [("kernel", not args.skip_kernel, lambda: kernel_table(bw, args.batches, args.smoke, args.shapes, knobs,
+                                                                             args.bits, args.budget_mib)),
              ("engine", not args.skip_engine and not args.smoke, lambda: engine_table(args, bw))]
     for name, wanted, run in (parts[::-1] if args.engine_first else parts):
         if wanted:
             res[name] = run()
-            if name == "kernel" and len(args.shapes) == len(SHAPES):
-                res["layer_totals"] = layer_totals(res["kernel"])
+            if name == "kernel" and set(SHAPES) <= set(args.shapes):
+                res["layer_totals"] = layer_totals(res["kernel"], knobs)
             save()
     return 0
 

@@ -13,7 +13,9 @@ shapes (buckets), all compiled at start-up, so no request ever triggers a compil
 On the device: the model (embed -> layers over the paged KV cache -> logits of the sampled rows), then
 argmax or the full sampler, then prompt logprobs when asked for; three jitted functions the host
 chooses between, with the KV pages and the sampler state donated (updated in place). The inputs travel
-in one packed buffer per function group and the output comes back in one, once per step. `launch`
+in one packed buffer per function group and the output comes back in one, once per step. On one device
+the step's buffers keep their addresses from step to step (a staging copy of the inputs, the previous
+step's logits donated back), so a GPU replays its CUDA graph without re-recording it. `launch`
 returns at once; `fetch` waits, so the engine can launch the next step first.
 """
 
@@ -46,6 +48,7 @@ MIN_DECODE_ROWS = {"cpu": 1}  # smallest decode bucket per platform; others (GPU
 ONE_ROW_QUANTIZATIONS = ("int8",)
 SAMPLER_MODES = ("greedy", "sample", "sample-sort")
 PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for prompt logprobs
+STABLE_ADDRESSES = True  # one device: the step's inputs and outputs keep their buffers (ModelRunner.__init__)
 
 
 class SeqInput(NamedTuple):
@@ -208,9 +211,17 @@ class ModelRunner:
         self.max_rows = self.decode_buckets[-1]
         self.mixed_buckets = pow2_ladder(min(MIXED_MIN_TOKENS, engine.max_num_batched_tokens),
                                          engine.max_num_batched_tokens)
-        self._forward = jax.jit(self._forward_fn, donate_argnums=(1,), static_argnums=(4,))
-        self._greedy = jax.jit(self._greedy_fn, donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_fn, donate_argnums=(1, 2), static_argnums=(4, 5))
+        # A GPU replays the step as a CUDA graph, which XLA re-records (~1.5 ms of host time on the 8B shape) when
+        # an address it uses moves. So on one device the step sees no fresh buffer: the inputs are copied into a
+        # staging buffer per shape (_stage) and the outputs land in the previous step's (donated) ones.
+        self._stable_addresses = STABLE_ADDRESSES and loaded.mesh.size == 1
+        self._staged: dict[tuple, jax.Array] = {}  # input shape -> its staging buffer
+        self._out_bufs: dict[tuple[int, int, int], tuple[jax.Array, jax.Array]] = {}  # bucket -> (logits, hidden)
+        # (keep_unused: a donated buffer that only gives its shape is otherwise dropped, and with it the reuse)
+        self._stage = jax.jit(lambda buf, new: jnp.copy(new), donate_argnums=(0,), keep_unused=True)
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 5), static_argnums=(4,), keep_unused=True)
+        self._greedy = jax.jit(self._greedy_fn, donate_argnums=(1,), keep_unused=True)
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(1, 2), static_argnums=(4, 5), keep_unused=True)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,))
         # [max_rows] the previous step's sampled tokens, on the device
         self.prev_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self.replicated)
@@ -223,8 +234,10 @@ class ModelRunner:
     # predicate on the host, which stalls pipelined steps.
 
     def _forward_fn(self, params: Any, kv_caches: list[KVPages], prev_tokens: jax.Array, packed: jax.Array,
-                    layout: tuple) -> tuple[jax.Array, jax.Array, list[KVPages]]:
-        """The model: -> logits of the sampled rows [num_seqs, vocab], hidden states [num_tokens, embed]."""
+                    layout: tuple, out_bufs: tuple) -> tuple[jax.Array, jax.Array, list[KVPages]]:
+        """The model: -> logits of the sampled rows [num_seqs, vocab], hidden states [num_tokens, embed].
+        out_bufs: () or the previous (logits, hidden) of this shape, donated so that the outputs reuse them."""
+        del out_bufs
         module, variables = self.loaded.module, {"params": params}
         x = unpack(packed, layout)  # StepInputs
         # Decode inputs sampled by the previous step come from its output on the device, so the host can
@@ -287,9 +300,16 @@ class ModelRunner:
         (x, x_layout), (st, st_layout) = inputs
         # Every process (multi-host: after jax.distributed.initialize) holds the same batch: one global array.
         x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
+        out_bufs = ()
+        if self._stable_addresses:
+            buf = self._staged.pop(x.shape, None)
+            x = self._staged[x.shape] = self._stage(jnp.zeros_like(x) if buf is None else buf, x)
+            out_bufs = self._out_bufs.pop(key, None) or self._new_out_bufs(key)
         with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
             logits, hidden, self.kv_caches = self._forward(self.loaded.params, self.kv_caches, self.prev_tokens,
-                                                           x, x_layout)
+                                                           x, x_layout, out_bufs)
+            if self._stable_addresses:
+                self._out_bufs[key] = (logits, hidden)
             if mode == "greedy":
                 out, self.prev_tokens = self._greedy(logits, self.prev_tokens)
             else:
@@ -298,6 +318,13 @@ class ModelRunner:
             plp = self._prompt_logprobs(self.loaded.params, hidden, x, x_layout) if prompt_logprobs else None
         self.last_bucket = key
         return out, plp
+
+    def _new_out_bufs(self, key: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+        """A bucket's first (logits [num_seqs, vocab] float32, hidden [num_tokens, embed]) buffers."""
+        num_tokens, num_seqs, _ = key
+        c = self.loaded.config
+        return (jnp.zeros((num_seqs, c.vocab_size), jnp.float32, device=self.replicated),
+                jnp.zeros((num_tokens, c.hidden_size), self.loaded.dtype, device=self.replicated))
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile every bucket now, by running it once on an empty batch (its writes go to the dropped

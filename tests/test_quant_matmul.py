@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.quant_matmul import (cpu, gpu, int8_dot_two_level, pack_half, pack_int4, quant_linear,
-                                        quantize, reference, unpack_int4)
+                                        quant_linear_many, quantize, reference, unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -71,6 +71,34 @@ def test_kernel_matches_the_oracle(m, k, n, bits, groups, dtype, knobs):
     assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
     assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("m,k,ns,bits,groups,dtype,knobs", [
+    (1, 256, (256, 128, 128), 8, 1, jnp.bfloat16, {}),   # q/k/v at one row: the gemv body, strips of 128
+    (3, 256, (256, 128, 128), 4, 2, jnp.float32, {}),    # int4 groups of 128 with zeros
+    (8, 512, (384, 384), 8, 16, jnp.float32, {"num_splits": 4}),  # gate/up, int8 groups of 32, K split
+])
+def test_many_matrices_in_one_call(m, k, ns, bits, groups, dtype, knobs):
+    """q/k/v (gate/up) in one kernel: each matrix's slice of the output is its own product, every element written."""
+    mats, wants = [], []
+    for i, n in enumerate(ns):
+        x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, dtype, seed=100 * i + n)
+        mats.append((q, scale, zero))
+    x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.float32).astype(dtype)
+    got = gpu.quant_matmul_many(x, tuple(mats), half=half, interpret=True, **knobs)
+    assert gpu.supported_many(m, k, mats, half)
+    for (q, scale, zero), g, n in zip(mats, got, ns):
+        want = reference.quant_matmul(x, q, scale, zero, half)
+        assert g.shape == (m, n) and not bool(jnp.isnan(g).any())
+        assert float(jnp.max(jnp.abs(g - want)) / jnp.max(jnp.abs(want))) < TOL[dtype]
+    fused = quant_linear_many(x, mats, half, jnp.float32, "pallas-interpret")
+    apart = [quant_linear(x, *mat, half, jnp.float32, "xla") for mat in mats]
+    for a, b in zip(fused, apart):
+        assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < TOL[dtype]
+    assert not gpu.supported_many(gpu.MANY_MAX_ROWS + 1, k, mats, half)
+    with pytest.raises(ValueError, match="same K, groups"):
+        gpu.quant_matmul_many(x, (mats[0], (mats[1][0], jnp.concatenate([mats[1][1]] * 2), mats[1][2])), half=half,
+                              interpret=True)
 
 
 def test_kernel_rejects_what_it_cannot_tile():
@@ -154,12 +182,21 @@ def test_int8_two_level_dot(m):
                                                     (64, 14336, 4096, 4, 112, None), (16, 4096, 1024, 8, 128, None),
                                                     (4, 14336, 4096, 4, 112, "gemv")])
 def test_lowers_for_h100(m, k, n, bits, groups, body):
-    """Llama-3.1-8B's layer shapes lower to Triton for an H100 (int8 at one row: the gemv body)."""
+    """Llama-3.1-8B's layer shapes lower to Triton for an H100 (int8 at one row: the gemv body), alone and
+    as q/k/v-like triples in one call."""
     half = 64 if bits == 4 else None
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((k, n // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((k, n), jnp.int8)
-    s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
+
+    def mat(n):
+        w = jax.ShapeDtypeStruct((k, n // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((k, n), jnp.int8)
+        s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
+        return w, s, s if bits == 4 else None
+
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
-        lowered = jax.jit(lambda x, w, s, z: gpu.quant_matmul(x, w, s, z, half=half, body=body)).trace(
-            x, w, s, s if bits == 4 else None).lower(lowering_platforms=("cuda",))
-    assert "quant_matmul" in lowered.as_text()
+        lowered = jax.jit(lambda x, m: gpu.quant_matmul(x, *m, half=half, body=body)).trace(
+            x, mat(n)).lower(lowering_platforms=("cuda",))
+        assert "quant_matmul" in lowered.as_text()
+        if m <= gpu.MANY_MAX_ROWS:
+            triple = jax.jit(lambda x, ms: gpu.quant_matmul_many(x, ms, half=half, body=body)).trace(
+                x, (mat(n), mat(n // 4), mat(n // 4))).lower(lowering_platforms=("cuda",))
+            assert "quant_matmul" in triple.as_text()

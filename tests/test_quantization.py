@@ -114,16 +114,17 @@ def test_bad_quantization_is_a_clear_error(tiny_model, value, message):
 def test_decode_through_the_gpu_kernel(tiny_model, kind, monkeypatch):
     """On a GPU backend, decode steps' matmuls run the Pallas quantized kernel (here interpreted on CPU): the
     same tokens and logprobs as XLA's dequantize-and-dot path on the same weights."""
-    traced = []
-    kernel_fn = quant_matmul.gpu.quant_matmul
-    monkeypatch.setattr(quant_matmul.gpu, "quant_matmul",
-                        lambda *a, **k: traced.append(a[0].shape) or kernel_fn(*a, **k))
+    traced = []  # (rows, K, matrices per call): q/k/v and gate/up go as one call each
+    kernel_fn = quant_matmul.gpu.quant_matmul_many
+    monkeypatch.setattr(quant_matmul.gpu, "quant_matmul_many",
+                        lambda *a, **k: traced.append((*a[0].shape, len(a[1]))) or kernel_fn(*a, **k))
     path, _ = tiny_model("llama3.1")
     prompts = [{"prompt_token_ids": p} for p in mixed_prompts(2, seed=4)]
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0)
     kernel = LLM(str(path), quantization=kind, attention_backend="pallas", **KNOBS).generate(prompts, params,
                                                                                             use_tqdm=False)
-    assert traced and all(rows <= quant_matmul.gpu.MAX_ROWS for rows, _ in traced)
+    assert traced and all(rows <= quant_matmul.gpu.MAX_ROWS for rows, _, _ in traced)
+    assert {n for _, _, n in traced} == {1, 2, 3}  # o/down (and the head) alone, gate/up, q/k/v
     del traced[:]
     xla = LLM(str(path), quantization=kind, **KNOBS).generate(prompts, params, use_tqdm=False)
     assert not traced

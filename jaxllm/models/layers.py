@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxllm.attention import AttentionMetadata, KVPages, paged_attention, tensor_parallel
 from jaxllm.config import ModelConfig, RopeConfig
-from pallas_kernels.quant_matmul import pack_half, quant_linear
+from pallas_kernels.quant_matmul import pack_half, quant_linear_many
 
 Dtype = Any
 
@@ -68,10 +68,11 @@ class QuantDense(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def weights(self, in_shape: tuple[int, ...]) -> tuple[tuple, int | None, jax.Array | None]:
+        """The stored weights as 2-D (kernel [K, N] or [K, N // 2], scale [G, N], zero [G, N] or None), int4's
+        half, and the bias [*out] (None without)."""
         out = self.features if isinstance(self.features, tuple) else (self.features,)
-        n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
-        in_shape = x.shape[-n_in:]
+        n_in = len(in_shape)
         num_in, num_out = math.prod(in_shape), math.prod(out)
         groups = num_in // quant_group_size(num_in, self.bits, self.group_size)
         group_names = (None,) + self.names[n_in:]  # groups replicated: a layer may have one, and scales are small
@@ -85,13 +86,32 @@ class QuantDense(nn.Module):
         if self.bits == 4:
             zero = self.param("zero", _init(group_names, nn.initializers.zeros), (groups, *out), jnp.float32)
             zero = zero.reshape(groups, num_out)
-        lead = x.shape[:-n_in]
-        backend = "sharded" if tensor_parallel() else self.backend  # the quantized kernels have no sharded form
-        y = quant_linear(x.reshape(-1, num_in), kernel.reshape(num_in, -1), scale.reshape(groups, num_out), zero,
-                         half, self.dtype, backend).reshape(*lead, *out)
+        bias = None
         if self.use_bias:
-            y = y + self.param("bias", _init(self.names[n_in:], nn.initializers.zeros), out, self.dtype)
-        return y
+            bias = self.param("bias", _init(self.names[n_in:], nn.initializers.zeros), out, self.dtype)
+        return (kernel.reshape(num_in, -1), scale.reshape(groups, num_out), zero), half, bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return project_many([self], x)[0]
+
+    def finish(self, y: jax.Array, lead: tuple[int, ...], bias: jax.Array | None) -> jax.Array:
+        """[num_rows, N] -> [*lead, *out], plus the bias."""
+        y = y.reshape(*lead, *(self.features if isinstance(self.features, tuple) else (self.features,)))
+        return y if bias is None else y + bias
+
+
+def project_many(layers: list[nn.Module], x: jax.Array) -> list[jax.Array]:
+    """Each layer applied to x. Quantized layers that contract the same input dims run as one matmul call
+    (one kernel launch for q/k/v or gate/up on a GPU: pallas_kernels.quant_matmul.quant_linear_many)."""
+    if not all(isinstance(layer, QuantDense) for layer in layers):
+        return [layer(x) for layer in layers]
+    n_in = len(layers[0].axis) if isinstance(layers[0].axis, tuple) else 1
+    lead, in_shape = x.shape[:-n_in], x.shape[-n_in:]
+    stored = [layer.weights(in_shape) for layer in layers]
+    backend = "sharded" if tensor_parallel() else layers[0].backend  # the quantized kernels have no sharded form
+    ys = quant_linear_many(x.reshape(-1, math.prod(in_shape)), [mats for mats, _, _ in stored], stored[0][1],
+                           layers[0].dtype, backend)
+    return [layer.finish(y, lead, bias) for layer, y, (_, _, bias) in zip(layers, ys, stored)]
 
 
 class RMSNorm(nn.Module):
@@ -199,9 +219,10 @@ class Attention(nn.Module):
         c = self.config
         proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
                                  backend=self.backend)
-        q = proj((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c.qkv_bias, name="q_proj")(x)
-        k = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="k_proj")(x)
-        v = proj((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="v_proj")(x)
+        heads, kv_heads = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        q, k, v = project_many([proj((c.num_heads, c.head_dim), heads, c.qkv_bias, name="q_proj"),
+                                proj((c.num_kv_heads, c.head_dim), kv_heads, c.qkv_bias, name="k_proj"),
+                                proj((c.num_kv_heads, c.head_dim), kv_heads, c.qkv_bias, name="v_proj")], x)
         if c.qk_norm:  # Qwen3, Gemma 3: RMSNorm over head_dim before the rotation
             q = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="q_norm")(q)
             k = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="k_norm")(k)
@@ -233,8 +254,8 @@ class GatedMLP(nn.Module):
         c = self.config
         proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
                                  backend=self.backend)
-        gate = proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj")(x)
-        up = proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")(x)
+        gate, up = project_many([proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj"),
+                                 proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")], x)
         return proj(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)
 
 

@@ -36,6 +36,16 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype))
 
 
+def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, backend: str) -> list[jax.Array]:
+    """quant_linear of one x by several (w, scale, zero) (a layer's q/k/v, or gate/up): on a GPU backend one
+    kernel call for all of them when they tile alike (gpu.quant_matmul_many), otherwise one call each."""
+    m, k = x.shape
+    if backend in KERNEL_BACKENDS and len(mats) > 1 and gpu.supported_many(m, k, mats, half):
+        outs = gpu.quant_matmul_many(x.astype(dtype), tuple(mats), half=half, interpret=KERNEL_BACKENDS[backend])
+        return [y.astype(dtype) for y in outs]
+    return [quant_linear(x, w, scale, zero, half, dtype, backend) for w, scale, zero in mats]
+
+
 def int8_dot_two_level(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     """x [M, K] @ (int8 W [K, N] * scale [1, N]) -> float32 [M, N] through an int8 x int8 -> int32 dot, which
     XLA's CPU backend runs 1.4-1.8x faster than a float32 dot at decode sizes (it materializes a converted W
@@ -55,4 +65,5 @@ def int8_dot_two_level(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Arra
     return (acc[:m].astype(jnp.float32) * d1 + acc[m:].astype(jnp.float32) * d2) * scale.astype(jnp.float32)
 
 
-__all__ = ["dequantize", "int8_dot_two_level", "pack_half", "pack_int4", "quant_linear", "quantize", "unpack_int4"]
+__all__ = ["dequantize", "int8_dot_two_level", "pack_half", "pack_int4", "quant_linear", "quant_linear_many",
+           "quantize", "unpack_int4"]

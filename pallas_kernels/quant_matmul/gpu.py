@@ -32,6 +32,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MAX_ROWS = 64  # beyond this a matmul is no longer a weight read: the caller uses XLA's dequantize + dot
+# Several matrices in one call: each branch of the kernel gets its own pipelining buffers in shared memory,
+# so wide tiles run out of it (q/k/v at 64 rows asked an H200 for 240 KB of its 227); 16 rows ran.
+MANY_MAX_ROWS = 16
 GEMV_MAX_ROWS = 8  # the CUDA-core body keeps a [block_k, block_n] float32 accumulator per row of x
 BODIES = ("dot", "gemv")
 CONVERTS = ("cast", "magic")
@@ -72,12 +75,11 @@ def _columns(block_n: int, half: int | None) -> list[tuple[int, int]]:
     return [(c, half) for p in range(block_n // (2 * half)) for c in (2 * p * half, (2 * p + 1) * half)]
 
 
-def _dot_kernel(x_ref, w_ref, s_ref, *refs, block_k: int, steps: int, group: int, half: int | None,
+def _dot_kernel(split, x_ref, w_ref, s_ref, *refs, block_k: int, steps: int, group: int, half: int | None,
                 per_group: bool, magic: bool, precision):
-    """x_ref [rows, K] (whole); w_ref [K, block_n] (int4: [K, block_n // 2]) this program's column strip;
-    s_ref (and z_ref) [G, block_n]; o_ref [rows, block_n] this split's partial."""
+    """split: this program's share of K; x_ref [rows, K] (whole); w_ref [K, block_n] (int4: [K, block_n // 2])
+    this program's column strip; s_ref (and z_ref) [G, block_n]; o_ref [rows, block_n] this split's partial."""
     z_ref, o_ref = (refs[0], refs[1]) if len(refs) == 2 else (None, refs[0])
-    split = pl.program_id(1)
     rows, block_n = o_ref.shape
     sub = min(group, block_k)  # rows of W sharing one scale within a step
     cols = _columns(block_n, half)
@@ -116,11 +118,11 @@ def _dot_kernel(x_ref, w_ref, s_ref, *refs, block_k: int, steps: int, group: int
         o_ref[:, pl.ds(c0, c)] = acc
 
 
-def _gemv_kernel(xt_ref, w_ref, s_ref, *refs, block_k: int, steps: int, group: int, half: int | None,
+def _gemv_kernel(split, xt_ref, w_ref, s_ref, *refs, block_k: int, steps: int, group: int, half: int | None,
                  per_group: bool, magic: bool):
-    """xt_ref [K, rows] float32 (x transposed, whole); w_ref, s_ref, z_ref as _dot_kernel's; o_ref [rows, block_n]."""
+    """xt_ref [K, rows] float32 (x transposed, whole); split, w_ref, s_ref, z_ref as _dot_kernel's; o_ref
+    [rows, block_n]."""
     z_ref, o_ref = (refs[0], refs[1]) if len(refs) == 2 else (None, refs[0])
-    split = pl.program_id(1)
     rows, block_n = o_ref.shape
     sub = min(group, block_k)
     cols = _columns(block_n, half)
@@ -160,12 +162,13 @@ def supported(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
 
 
 def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | None = None, block_n: int | None = None,
-                  body: str | None = None, num_cores: int = 132) -> dict:
+                  body: str | None = None, num_cores: int = 132, strips: int | None = None) -> dict:
     """Tiling from the shapes (the H100/H200 sweeps in benchmarks/RESULTS.md): int8 at one row runs the gemv
     body on [64, 256] steps with 8 warps; otherwise the dot body on column strips of 128 (int4 at <= 16 rows:
     two packed pairs, 256) and steps of 128 rows of W (several groups per step when groups are smaller); K
-    splits for ~2 programs per SM. Exponent-bit conversion for int4 and the gemv body; int8's dot body
-    converts faster with the instructions (H200, 8 rows: 140 vs 147 us per layer)."""
+    splits for ~2 programs per SM (of `strips` column strips; several matrices in one call split K as their
+    widest would alone, with n their common divisor). Exponent-bit conversion for int4 and the gemv body;
+    int8's dot body converts faster with the instructions (H200, 8 rows: 140 vs 147 us per layer)."""
     gemv = rows == 1 and not half and body in (None, "gemv")
     body = body or ("gemv" if gemv else "dot")
     if body not in BODIES:
@@ -181,32 +184,58 @@ def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | No
     if n % block_n or (half and block_n % (2 * half)):
         raise ValueError(f"block_n {block_n} must divide N = {n}" + (f" in pairs of {half}" if half else ""))
     total = k // block_k
-    want = -(-2 * num_cores // (n // block_n))
+    want = -(-2 * num_cores // (strips or n // block_n))
     splits = max(d for d in range(1, total + 1) if total % d == 0 and d <= max(1, want))
     return {"block_n": block_n, "block_k": block_k, "num_splits": splits, "num_warps": 8 if gemv else 4,
             "num_stages": 3, "body": body, "convert": "magic" if half or body == "gemv" else "cast"}
 
 
+def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
+                 half: int | None = None, interpret: bool = False, **knobs) -> jax.Array:
+    """Same contract as reference.quant_matmul (float32 [M, N]) for M <= MAX_ROWS; knobs (block_k, block_n,
+    num_splits, num_warps, num_stages, body, convert) default from choose_params."""
+    return quant_matmul_many(x, ((w, scale, zero),), half=half, interpret=interpret, **knobs)[0]
+
+
+def supported_many(rows: int, k: int, mats: list[tuple], half: int | None) -> bool:
+    """Whether one call takes these matrices together: the same K, groups, dtype and zeros, and a column strip
+    width that divides every N."""
+    (w0, s0, z0), ns = mats[0], [s.shape[1] for _, s, _ in mats]
+    same = all(w.dtype == w0.dtype and s.shape[0] == s0.shape[0] and (z is None) == (z0 is None) for w, s, z in mats)
+    return same and rows <= MANY_MAX_ROWS and supported(rows, k, math.gcd(*ns), k // s0.shape[0], half)
+
+
 @functools.partial(jax.jit, static_argnames=("half", "block_k", "block_n", "num_splits", "num_warps", "num_stages",
                                              "body", "convert", "interpret"))
-def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
-                 half: int | None = None, block_k: int | None = None, block_n: int | None = None,
-                 num_splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                 body: str | None = None, convert: str | None = None, interpret: bool = False) -> jax.Array:
-    """Same contract as reference.quant_matmul (float32 [M, N]) for M <= MAX_ROWS; knobs default from
-    choose_params."""
+def quant_matmul_many(x: jax.Array, mats: tuple, *, half: int | None = None, block_k: int | None = None,
+                      block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+                      num_stages: int | None = None, body: str | None = None, convert: str | None = None,
+                      interpret: bool = False) -> list[jax.Array]:
+    """x [M, K] times each (w, scale, zero) of `mats` (as reference.py lays them out; the same K, groups and
+    dtype) in one kernel: its grid covers every matrix's column strips and a program reads only its own
+    matrix (q/k/v or gate/up: one launch, and k/v's small N no longer leaves SMs idle). -> float32 [M, N_i]."""
     m, k = x.shape
-    groups, n = scale.shape
-    bits = 4 if w.dtype == jnp.uint8 else 8
-    if m > MAX_ROWS:
-        raise ValueError(f"quant_matmul kernel takes at most {MAX_ROWS} rows, got {m}")
-    if bits == 4 and (half is None or w.shape != (k, n // 2)):
-        raise ValueError(f"int4 weights must be packed [K, N // 2] = {(k, n // 2)} with their half, got {w.shape}")
+    w0, scale0, zero0 = mats[0]
+    groups = scale0.shape[0]
+    ns = [s.shape[1] for _, s, _ in mats]
+    bits = 4 if w0.dtype == jnp.uint8 else 8
+    if m > (MAX_ROWS if len(mats) == 1 else MANY_MAX_ROWS):
+        raise ValueError(f"quant_matmul kernel takes at most {MAX_ROWS} rows ({MANY_MAX_ROWS} for several matrices),"
+                         f" got {m}")
+    for w, s, z in mats:
+        if w.dtype != w0.dtype or s.shape[0] != groups or (z is None) != (zero0 is None) or w.shape[0] != k:
+            raise ValueError("matrices in one quant_matmul_many call need the same K, groups, dtype and zeros")
+        if bits == 4 and (half is None or w.shape != (k, s.shape[1] // 2)):
+            raise ValueError(f"int4 weights must be packed [K, N // 2] = {(k, s.shape[1] // 2)} with their half, "
+                             f"got {w.shape}")
     group = k // groups
-    p = choose_params(m, k, n, half if bits == 4 else None, block_k, block_n, body)
+    p = choose_params(m, k, math.gcd(*ns), half if bits == 4 else None, block_k, block_n, body)
+    block_n = p["block_n"]
+    p = choose_params(m, k, math.gcd(*ns), half if bits == 4 else None, p["block_k"], block_n, p["body"],
+                      strips=max(ns) // block_n)  # K split as for the widest matrix alone (gate/up apart beat fewer)
     p.update({name: value for name, value in [("num_splits", num_splits), ("num_warps", num_warps),
                                               ("num_stages", num_stages), ("convert", convert)] if value})
-    block_k, block_n, body, convert, splits = p["block_k"], p["block_n"], p["body"], p["convert"], p["num_splits"]
+    block_k, body, convert, splits = p["block_k"], p["body"], p["convert"], p["num_splits"]
     if convert not in CONVERTS:
         raise ValueError(f"convert must be one of {CONVERTS}, got {convert!r}")
     if body == "gemv" and m > GEMV_MAX_ROWS:
@@ -214,7 +243,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     steps = k // (block_k * splits)
     if steps * block_k * splits != k or (groups > 1 and block_k % group and group % block_k):
         raise ValueError(f"block_k {block_k} x num_splits {splits} must tile K = {k} in whole groups of {group}")
-    per_group = groups > 1 or zero is not None  # int4's zero enters through each group's row sums of x
+    per_group = groups > 1 or zero0 is not None  # int4's zero enters through each group's row sums of x
     common = dict(block_k=block_k, steps=steps, group=group if per_group else k, half=half if bits == 4 else None,
                   per_group=per_group, magic=convert == "magic")
     if body == "gemv":
@@ -229,20 +258,37 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
         kernel = functools.partial(_dot_kernel, **common,
                                    precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None)
     strip = block_n // 2 if bits == 4 else block_n
-    in_specs = [x_spec, pl.BlockSpec((k, strip), lambda j, s: (0, j)),
-                pl.BlockSpec((groups, block_n), lambda j, s: (0, j))]
-    args = [xp, w, scale.astype(jnp.float32)]
-    if zero is not None:
-        in_specs.append(pl.BlockSpec((groups, block_n), lambda j, s: (0, j)))
-        args.append(zero.astype(jnp.float32))
+    firsts = [sum(n // block_n for n in ns[:i]) for i in range(len(ns))]  # each matrix's first strip in the grid
+    in_specs, args = [x_spec], [xp]
+    for (w, s, z), first, n in zip(mats, firsts, ns):
+        def col(j, first=first, last=n // block_n - 1):  # the strip of this matrix (clamped: other programs skip it)
+            return jnp.clip(j - first, 0, last)
+        in_specs += [pl.BlockSpec((k, strip), lambda j, s, col=col: (0, col(j))),
+                     pl.BlockSpec((groups, block_n), lambda j, s, col=col: (0, col(j)))]
+        args += [w, s.astype(jnp.float32)]
+        if z is not None:
+            in_specs.append(pl.BlockSpec((groups, block_n), lambda j, s, col=col: (0, col(j))))
+            args.append(z.astype(jnp.float32))
+    per_mat = 3 if zero0 is not None else 2
+
+    def many(x_ref, *refs):  # (program ids read here: interpret mode has none inside a switch's branches)
+        o_ref, j, split = refs[-1], pl.program_id(0), pl.program_id(1)
+        branches = [functools.partial(kernel, split, x_ref, *refs[i * per_mat:(i + 1) * per_mat], o_ref)
+                    for i in range(len(mats))]
+        if len(branches) == 1:
+            return branches[0]()
+        jax.lax.switch(sum((j >= f).astype(jnp.int32) for f in firsts[1:]), branches)
+
+    n_total = sum(ns)
     partial = pl.pallas_call(
-        kernel,
-        grid=(n // block_n, splits),
+        many,
+        grid=(n_total // block_n, splits),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, n_total), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=p["num_warps"], num_stages=p["num_stages"]),
         interpret=interpret,
-        name=f"quant_matmul_int{bits}_{body}_{convert}_bk{block_k}_s{splits}",
+        name=f"quant_matmul_int{bits}_{body}_{convert}_bk{block_k}_s{splits}" + (f"_x{len(mats)}" * (len(mats) > 1)),
     )(*args)
-    return partial.sum(axis=0)[:m]
+    out = partial.sum(axis=0)[:m]
+    return [out[:, sum(ns[:i]):sum(ns[:i + 1])] for i in range(len(ns))]
