@@ -162,13 +162,14 @@ def supported(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
 
 
 def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | None = None, block_n: int | None = None,
-                  body: str | None = None, num_cores: int = 132, strips: int | None = None) -> dict:
+                  body: str | None = None, num_cores: int = 132, widest: int | None = None) -> dict:
     """Tiling from the shapes (the H100/H200 sweeps in benchmarks/RESULTS.md): int8 at one row runs the gemv
     body on [64, 256] steps with 8 warps; otherwise the dot body on column strips of 128 (int4 at <= 16 rows:
     two packed pairs, 256) and steps of 128 rows of W (several groups per step when groups are smaller); K
-    splits for ~2 programs per SM (of `strips` column strips; several matrices in one call split K as their
-    widest would alone, with n their common divisor). Exponent-bit conversion for int4 and the gemv body;
-    int8's dot body converts faster with the instructions (H200, 8 rows: 140 vs 147 us per layer)."""
+    splits for ~2 programs per SM (several matrices in one call: n is their common divisor and K splits as for
+    the `widest` alone; gate/up fused with K in 2 ran 3 us slower than apart with K in 4 each). Exponent-bit
+    conversion for int4 and the gemv body; int8's dot body converts faster with the instructions (H200, 8 rows:
+    140 vs 147 us per layer)."""
     gemv = rows == 1 and not half and body in (None, "gemv")
     body = body or ("gemv" if gemv else "dot")
     if body not in BODIES:
@@ -184,7 +185,7 @@ def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | No
     if n % block_n or (half and block_n % (2 * half)):
         raise ValueError(f"block_n {block_n} must divide N = {n}" + (f" in pairs of {half}" if half else ""))
     total = k // block_k
-    want = -(-2 * num_cores // (strips or n // block_n))
+    want = -(-2 * num_cores // ((widest or n) // block_n))
     splits = max(d for d in range(1, total + 1) if total % d == 0 and d <= max(1, want))
     return {"block_n": block_n, "block_k": block_k, "num_splits": splits, "num_warps": 8 if gemv else 4,
             "num_stages": 3, "body": body, "convert": "magic" if half or body == "gemv" else "cast"}
@@ -229,13 +230,10 @@ def quant_matmul_many(x: jax.Array, mats: tuple, *, half: int | None = None, blo
             raise ValueError(f"int4 weights must be packed [K, N // 2] = {(k, s.shape[1] // 2)} with their half, "
                              f"got {w.shape}")
     group = k // groups
-    p = choose_params(m, k, math.gcd(*ns), half if bits == 4 else None, block_k, block_n, body)
-    block_n = p["block_n"]
-    p = choose_params(m, k, math.gcd(*ns), half if bits == 4 else None, p["block_k"], block_n, p["body"],
-                      strips=max(ns) // block_n)  # K split as for the widest matrix alone (gate/up apart beat fewer)
+    p = choose_params(m, k, math.gcd(*ns), half if bits == 4 else None, block_k, block_n, body, widest=max(ns))
     p.update({name: value for name, value in [("num_splits", num_splits), ("num_warps", num_warps),
                                               ("num_stages", num_stages), ("convert", convert)] if value})
-    block_k, body, convert, splits = p["block_k"], p["body"], p["convert"], p["num_splits"]
+    block_k, block_n, body, convert, splits = p["block_k"], p["block_n"], p["body"], p["convert"], p["num_splits"]
     if convert not in CONVERTS:
         raise ValueError(f"convert must be one of {CONVERTS}, got {convert!r}")
     if body == "gemv" and m > GEMV_MAX_ROWS:
