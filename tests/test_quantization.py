@@ -10,13 +10,16 @@ float model again (logprobs within 1e-3).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import gguf
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import ConfigError
+from jaxllm.models.layers import QuantDense, project_many
 from pallas_kernels import quant_matmul
 from pallas_kernels.quant_matmul import dequantize, pack_half
 from tests.gguf_writer import write_gguf
@@ -133,6 +136,36 @@ def test_decode_through_the_gpu_kernel(tiny_model, kind, monkeypatch):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             (ta, va), = la.items()
             assert abs(va.logprob - lb[ta].logprob) < 1e-4
+
+
+@pytest.mark.parametrize("features", [(128, 128, 256), (64, 128)])  # int4 half-blocks alike / of 32 and 64
+@pytest.mark.parametrize("backend", ["pallas-interpret", "xla"])
+def test_project_many_is_each_layer(features, backend, monkeypatch):
+    """Several quantized layers applied to one x together (one kernel call where they tile alike) give what
+    each layer gives alone, bias included, whatever their int4 half-blocks."""
+    calls = []  # matrices per kernel call
+    kernel_fn = quant_matmul.gpu.quant_matmul_many
+    monkeypatch.setattr(quant_matmul.gpu, "quant_matmul_many",
+                        lambda *a, **k: calls.append(len(a[1])) or kernel_fn(*a, **k))
+
+    class Layers(nn.Module):
+        @nn.compact
+        def __call__(self, x, together: bool):
+            layers = [QuantDense(n, ("embed", "mlp"), -1, True, jnp.float32, 4, 32, backend, name=f"p{i}")
+                      for i, n in enumerate(features)]
+            return project_many(layers, x) if together else [layer(x) for layer in layers]
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+    params = Layers().init(jax.random.key(0), x, True)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.integers(0, 256, a.shape), a.dtype) if a.dtype == jnp.uint8
+                          else jnp.asarray(rng.normal(size=a.shape) * 0.1, a.dtype), params)
+    together, alone = Layers().apply(params, x, True), Layers().apply(params, x, False)
+    assert [y.shape for y in together] == [(3, n) for n in features]
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    fused = backend == "pallas-interpret" and len({pack_half(n) for n in features}) == 1
+    assert max(calls, default=0) == (len(features) if fused else 1 if backend == "pallas-interpret" else 0)
 
 
 # quantization="gguf": the linear layers' Q4_0 / Q4_1 / Q8_0 blocks loaded as stored, into int4 / int8 with

@@ -109,8 +109,11 @@ def project_many(layers: list[nn.Module], x: jax.Array) -> list[jax.Array]:
     lead, in_shape = x.shape[:-n_in], x.shape[-n_in:]
     stored = [layer.weights(in_shape) for layer in layers]
     backend = "sharded" if tensor_parallel() else layers[0].backend  # the quantized kernels have no sharded form
-    ys = quant_linear_many(x.reshape(-1, math.prod(in_shape)), [mats for mats, _, _ in stored], stored[0][1],
-                           layers[0].dtype, backend)
+    x2 = x.reshape(-1, math.prod(in_shape))
+    if len({half for _, half, _ in stored}) == 1:
+        ys = quant_linear_many(x2, [mats for mats, _, _ in stored], stored[0][1], layers[0].dtype, backend)
+    else:  # int4 packed in different half-blocks: one call each
+        ys = [quant_linear_many(x2, [mats], half, layers[0].dtype, backend)[0] for mats, half, _ in stored]
     return [layer.finish(y, lead, bias) for layer, y, (_, _, bias) in zip(layers, ys, stored)]
 
 
