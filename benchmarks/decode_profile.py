@@ -86,7 +86,7 @@ def report_pointers(llm: LLM, run) -> None:
 
     def spy(key, inputs, mode, plp):  # noqa: ANN001
         out = orig(key, inputs, mode, plp)
-        bufs = step_runner._out_bufs.get(key, (None, None))
+        bufs = step_runner._last_out[1] if step_runner._last_out else (None, None)
         arrays = [*bufs, *step_runner._staged.values(), step_runner.prev_tokens,
                   jax.tree.leaves(step_runner.kv_caches)[0], out[0]]
         seen.append((key, *(a.unsafe_buffer_pointer() if a is not None else 0 for a in arrays)))
