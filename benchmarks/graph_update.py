@@ -49,7 +49,7 @@ def make_step(layers: int, readers: str):
     return step
 
 
-def run_case(name: str, layers: int, calls: int, out: str) -> dict:
+def run_case(name: str, layers: int, calls: int) -> dict:
     readers = {"same x": "all", "new x, 1 reader": "one", "new x, all read": "all",
                "new x, barrier": "barrier", "no donation": "all"}[name]
     donate = name != "no donation"
@@ -97,7 +97,7 @@ def main() -> int:
     args = ap.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
-    rows = [run_case(name, args.layers, args.calls, args.out)
+    rows = [run_case(name, args.layers, args.calls)
             for name in ["same x", "new x, 1 reader", "new x, all read", "new x, barrier", "no donation"]]
     with open(os.path.join(args.out, "graph_update.json"), "w") as f:
         json.dump(rows, f, indent=1)

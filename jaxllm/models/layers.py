@@ -67,11 +67,15 @@ class QuantDense(nn.Module):
     group_size: int | None = None
     backend: str = "xla"
 
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.features if isinstance(self.features, tuple) else (self.features,)
+
     @nn.compact
     def weights(self, in_shape: tuple[int, ...]) -> tuple[tuple, int | None, jax.Array | None]:
         """The stored weights as 2-D (kernel [K, N] or [K, N // 2], scale [G, N], zero [G, N] or None), int4's
         half, and the bias [*out] (None without)."""
-        out = self.features if isinstance(self.features, tuple) else (self.features,)
+        out = self.out_shape
         n_in = len(in_shape)
         num_in, num_out = math.prod(in_shape), math.prod(out)
         groups = num_in // quant_group_size(num_in, self.bits, self.group_size)
@@ -96,7 +100,7 @@ class QuantDense(nn.Module):
 
     def finish(self, y: jax.Array, lead: tuple[int, ...], bias: jax.Array | None) -> jax.Array:
         """[num_rows, N] -> [*lead, *out], plus the bias."""
-        y = y.reshape(*lead, *(self.features if isinstance(self.features, tuple) else (self.features,)))
+        y = y.reshape(*lead, *self.out_shape)
         return y if bias is None else y + bias
 
 

@@ -258,12 +258,12 @@ def quant_matmul_many(x: jax.Array, mats: tuple, *, half: int | None = None, blo
     strip = block_n // 2 if bits == 4 else block_n
     firsts = [sum(n // block_n for n in ns[:i]) for i in range(len(ns))]  # each matrix's first strip in the grid
     in_specs, args = [x_spec], [xp]
-    for (w, s, z), first, n in zip(mats, firsts, ns):
+    for (w, sc, z), first, n in zip(mats, firsts, ns):
         def col(j, first=first, last=n // block_n - 1):  # the strip of this matrix (clamped: other programs skip it)
             return jnp.clip(j - first, 0, last)
         in_specs += [pl.BlockSpec((k, strip), lambda j, s, col=col: (0, col(j))),
                      pl.BlockSpec((groups, block_n), lambda j, s, col=col: (0, col(j)))]
-        args += [w, s.astype(jnp.float32)]
+        args += [w, sc.astype(jnp.float32)]
         if z is not None:
             in_specs.append(pl.BlockSpec((groups, block_n), lambda j, s, col=col: (0, col(j))))
             args.append(z.astype(jnp.float32))
@@ -289,4 +289,4 @@ def quant_matmul_many(x: jax.Array, mats: tuple, *, half: int | None = None, blo
         name=f"quant_matmul_int{bits}_{body}_{convert}_bk{block_k}_s{splits}" + (f"_x{len(mats)}" * (len(mats) > 1)),
     )(*args)
     out = partial.sum(axis=0)[:m]
-    return [out[:, sum(ns[:i]):sum(ns[:i + 1])] for i in range(len(ns))]
+    return [out[:, first * block_n:first * block_n + n] for first, n in zip(firsts, ns)]
