@@ -147,6 +147,9 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if params.n > self.config.max_num_seqs:  # all of a request's samples must fit in one step's batch
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}: lower n or start the "
+                             f"engine with a larger max_num_seqs")
         text, token_ids = self._tokenize(prompt)
         max_tokens = self._check_lengths(token_ids, params)
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:

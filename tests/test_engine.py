@@ -286,6 +286,8 @@ def test_bad_requests_get_clear_errors(llama):
         llm.generate(["hi"], [GREEDY, GREEDY])
     with pytest.raises(ValueError, match="logprobs must be at most 20"):
         llm.generate("hi", SamplingParams(logprobs=21))
+    with pytest.raises(ValueError, match="n=17 exceeds max_num_seqs=16"):  # a huge n once hung the server
+        llm.generate("hi", SamplingParams(n=17))
     with pytest.raises(ValueError, match=r"logit_bias keys must be token ids in \[0, 320\)"):
         llm.generate("hi", SamplingParams(logit_bias={400: 1.0}))
     # a bad prompt in a batch queues none of it

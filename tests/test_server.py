@@ -131,6 +131,8 @@ def test_errors_are_openai_json(server, client):
         client.completions.create(model=MODEL, prompt="hi", temperature=-1)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens"):
         client.completions.create(model=MODEL, prompt=[5] * 500, max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="n=1000000 exceeds max_num_seqs=8"):  # not a hang
+        client.completions.create(model=MODEL, prompt="hi", n=1_000_000)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="hi")
     with pytest.raises(openai.BadRequestError, match="response_format"):
