@@ -9,7 +9,8 @@ the same generate under jax.profiler: device busy time per step (the sum of kern
 generate, prefill included, per decode step), kernels per step and the longest kernels. Busy well below wall
 is a device waiting for the host (quantized steps launch several hundred small kernels); where the host's
 time goes is listed by event name (a `command_buffer::update` per step means XLA re-records the CUDA graph:
-some buffer moved, which --pointers shows). "-apart" configs run q/k/v and gate/up as separate kernel calls.
+some buffer moved, which --pointers shows). Suffixes switch a path off or on (VARIANTS): "-apart" runs q/k/v and gate/up as separate kernel calls,
+"-triton" keeps int4 at 17-64 rows off the Hopper kernel.
 """
 
 from __future__ import annotations
@@ -28,20 +29,29 @@ import jax
 
 from benchmarks.attention_profile import trace_events
 from jaxllm import LLM, SamplingParams, runner
+from pallas_kernels import quant_matmul
 from pallas_kernels.quant_matmul import gpu
 
-CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("int8", False), "int4": ("int4", True),
-           "int8-apart": ("int8", True), "int4-apart": ("int4", True)}  # -apart: q/k/v, gate/up as separate calls
+CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("int8", False), "int4": ("int4", True)}
+# suffix -> the switches it sets while the config loads and runs
+VARIANTS = {
+    "-apart": [(gpu, "supported_many", lambda *a: False)],  # q/k/v, gate/up as separate kernel calls
+    "-triton": [(quant_matmul, "HOPPER_MIN_ROWS", 10 ** 9)],  # int4 at 17-64 rows in gpu.py's kernel too
+}
+CHOICES = [*CONFIGS, *(c + v for c in CONFIGS if c != "bf16" for v in VARIANTS)]
 
 
 def profile_config(label: str, args: argparse.Namespace) -> dict:
-    if label.endswith("-apart"):  # the layer's matmuls one kernel call each, as before quant_matmul_many
-        supported_many = gpu.supported_many
-        gpu.supported_many = lambda *a: False
-        try:
-            return profile_config(label[:-len("-apart")], args) | {"config": label}
-        finally:
-            gpu.supported_many = supported_many
+    for suffix, switches in VARIANTS.items():
+        if label.endswith(suffix):
+            saved = [(mod, name, getattr(mod, name)) for mod, name, _ in switches]
+            try:
+                for mod, name, value in switches:
+                    setattr(mod, name, value)
+                return profile_config(label[:-len(suffix)], args) | {"config": label}
+            finally:
+                for mod, name, value in saved:
+                    setattr(mod, name, value)
     quant, head = CONFIGS[label]
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, quantize_lm_head=head,
               max_num_seqs=args.batch, num_kv_pages=256 * args.batch, max_model_len=1024, enable_prefix_caching=False,
@@ -65,7 +75,7 @@ def profile_config(label: str, args: argparse.Namespace) -> dict:
     per_kernel = collections.defaultdict(list)
     for e in events:
         per_kernel[e["name"]].append(e["dur"])
-    top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:8]
+    top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:args.top]
     row = {"config": label, "batch": args.batch, "wall_ms_per_step": wall * 1e3,
            "busy_ms_per_step": sum(e["dur"] for e in events) / 1e3 / args.tokens,
            "kernels_per_step": len(events) / args.tokens,
@@ -134,9 +144,10 @@ def idle_and_host(events: list[dict], host: list[dict], steps: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="benchmarks/models/llama-3.1-8b")
-    ap.add_argument("--configs", nargs="+", default=["bf16", "int8", "int4"], choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=["bf16", "int8", "int4"], choices=CHOICES)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--top", type=int, default=8, help="kernels listed, by total time")
     ap.add_argument("--pointers", action="store_true", help="print the step buffers' device addresses")
     ap.add_argument("--fresh-buffers", action="store_true",
                     help="steps take fresh input and output buffers, as before runner.STABLE_ADDRESSES")

@@ -37,6 +37,15 @@ KNOBS = [{}, {"body": "dot", "convert": "cast"}, {"body": "dot"}, {"body": "dot"
          {"body": "gemv", "block_k": 64, "block_n": 256, "num_warps": 8}]
 
 
+def run_header() -> tuple[dict, float]:
+    """The run's date, device and jax version, and the device's elementwise bandwidth (printed, bytes/s)."""
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    bw = bench.device_bandwidth()
+    res["bandwidth_TBps"] = bw / 1e12
+    print(f"{res['device']}, jax {res['jax']}, {res['date']}: bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    return res, bw
+
+
 def chain_time(fn, xs, weights: list, reps: int = 5, calls: int = 4) -> float:
     """Seconds per matmul: one jitted call applies fn(x, *w) for every weight copy in turn; `calls` calls are
     queued back to back (so the host's dispatch overlaps the device's work), median over `reps`."""
@@ -205,10 +214,7 @@ def main() -> int:
                     help="a CPU check of the script: small shapes, interpreted, no engine")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": jax.devices()[0].device_kind, "jax": jax.__version__}
-    bw = bench.device_bandwidth()
-    res["bandwidth_TBps"] = bw / 1e12
-    print(f"{res['device']}, jax {res['jax']}, {res['date']}: bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    res, bw = run_header()
     knobs = json.loads(args.knobs) if args.knobs else KNOBS
 
     def save():  # after each part: a run cut short keeps what it measured

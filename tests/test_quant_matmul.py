@@ -1,11 +1,13 @@
-"""The weight-only quantized matmul (int8, int4): layouts round-trip, the Pallas GPU kernel in interpret mode on
-CPU against the float32 oracle on fresh random inputs (interpret mode fills outputs with NaN first, so an
-unwritten element fails), its lowering to CUDA (Triton constraints interpret mode lets through), the C++ CPU
+"""The weight-only quantized matmul (int8, int4): layouts round-trip, the Pallas GPU kernels (Triton's and
+Mosaic GPU's Hopper one) in interpret mode on CPU against the float32 oracle on fresh random inputs (interpret
+mode fills outputs with NaN first, so an unwritten element fails), their lowering to CUDA (constraints
+interpret mode lets through) and the dispatch to the Hopper kernel, the C++ CPU
 kernel against the oracle (writing into a NaN-filled buffer), the CPU's int8 x int8 path, and the model's
 dispatch giving the same layer output through the kernels and through XLA.
 
 Tolerances: float32 inputs 1e-5 relative to the largest output; bfloat16 inputs (the kernel multiplies bf16
-activations by exact integer weights, accumulating in float32; the oracle is float32 throughout) 1e-2.
+activations by exact integer weights, accumulating in float32; the oracle is float32 throughout) 1e-2. The
+Hopper kernel rounds x and int4's dequantized weights to bf16 (measured 2e-3): 1e-2.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.quant_matmul import (cpu, gpu, int8_dot_two_level, pack_half, pack_int4, quant_linear,
+import pallas_kernels.quant_matmul as quant_matmul
+from pallas_kernels.quant_matmul import (cpu, gpu, hopper, int8_dot_two_level, pack_half, pack_int4, quant_linear,
                                         quant_linear_many, quantize, reference, unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
@@ -200,3 +203,46 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
             triple = jax.jit(lambda x, ms: gpu.quant_matmul_many(x, ms, half=half, body=body)).trace(
                 x, (mat(n), mat(n // 4), mat(n // 4))).lower(lowering_platforms=("cuda",))
             assert "quant_matmul" in triple.as_text()
+
+
+@pytest.mark.parametrize("m,k,n,bits,groups", [
+    (1, 256, 128, 8, 1),   # int8, one scale per channel (applied to the result), K split across programs
+    (20, 256, 256, 4, 2),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
+    (3, 256, 128, 4, 4),   # int4 in groups of 64: steps of 64 rows
+])
+def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups):
+    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=7 * m + k + n)
+    assert hopper.supported(m, k, n, k // groups, half)
+    got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True)
+    want = reference.quant_matmul(x, q, scale, zero, half)
+    assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    assert err < 1e-2, err
+
+
+def test_hopper_kernel_rejects_what_it_cannot_tile():
+    x, _, half, (q, scale, zero) = make(2, 256, 96, 4, 8, jnp.bfloat16, seed=1)  # half-blocks of 16, groups of 32
+    assert not hopper.supported(2, 256, 96, 32, half) and not hopper.supported(65, 256, 128, 256, None)
+    with pytest.raises(ValueError, match="does not take"):
+        hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True)
+
+
+@pytest.mark.parametrize("m,k,n,bits,groups", [(64, 4096, 14336, 4, 32), (17, 14336, 4096, 4, 112),
+                                               (1, 4096, 4096, 8, 1)])
+def test_hopper_kernel_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
+    """Llama-3.1-8B's layer shapes lower through Mosaic GPU for an H100, and quant_linear sends int4 at
+    HOPPER_MIN_ROWS-64 rows there on a Hopper GPU (the Triton kernel otherwise)."""
+    half = 64 if bits == 4 else None
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((k, n // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((k, n), jnp.int8)
+    s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
+    z = s if bits == 4 else None
+    monkeypatch.setattr(quant_matmul, "_is_hopper", lambda backend: True)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        kernel = jax.jit(lambda x, w, s, z: hopper.quant_matmul(x, w, s, z, half=half)).trace(
+            x, w, s, z).lower(lowering_platforms=("cuda",))
+        assert "quant_matmul_hopper" in kernel.as_text()
+        layer = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, half, jnp.bfloat16, "pallas-gpu")).trace(
+            x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
+        hopper_rows = bits == 4 and m >= quant_matmul.HOPPER_MIN_ROWS
+        assert ("quant_matmul_hopper" in layer) == hopper_rows and ("quant_matmul_int" in layer) != hopper_rows

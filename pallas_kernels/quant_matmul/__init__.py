@@ -1,18 +1,20 @@
-"""Weight-only quantized matmul (int8, int4): the storage layouts and oracle (reference.py), the GPU kernel
-for decode-sized batches (gpu.py), and `quant_linear`, which picks between the kernel and XLA per call shape."""
+"""Weight-only quantized matmul (int8, int4): the storage layouts and oracle (reference.py), the GPU kernels
+for decode-sized batches (gpu.py through Triton, hopper.py through Mosaic GPU), the CPU one (cpu.py), and
+`quant_linear`, which picks between the kernels and XLA per call shape."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import cpu, gpu
+from pallas_kernels.quant_matmul import cpu, gpu, hopper
 from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, unpack_int4
 
 # The attention backends (jaxllm.attention.BACKENDS) whose platform runs the Pallas GPU kernel here, and
 # those that run the C++ kernel when the platform is a CPU ("sharded": tensor parallel, XLA only).
 KERNEL_BACKENDS = {"pallas-gpu": False, "pallas-interpret": True}  # -> interpret mode
 CPU_KERNEL_BACKENDS = ("reference", "xla")
+HOPPER_MIN_ROWS = 17  # int4 from here to 64 rows runs hopper.py's kernel on an H100/H200 (gemv_forms, 64 rows)
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
@@ -23,6 +25,10 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     XLA dequantizes to `dtype` inside the matmul's fusion."""
     m, k = x.shape
     groups, n = scale.shape
+    if backend in KERNEL_BACKENDS and w.dtype == jnp.uint8 and m >= HOPPER_MIN_ROWS and _is_hopper(backend) and (
+            hopper.supported(m, k, n, k // groups, half)):
+        return hopper.quant_matmul(x, w, scale, zero, half=half, stages=2,
+                                   interpret=KERNEL_BACKENDS[backend]).astype(dtype)
     if backend in KERNEL_BACKENDS and gpu.supported(m, k, n, k // groups, half):
         return gpu.quant_matmul(x.astype(dtype), w, scale, zero, half=half,
                                 interpret=KERNEL_BACKENDS[backend]).astype(dtype)
@@ -34,6 +40,12 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
             return int8_dot_two_level(x, w, scale).astype(dtype)
         return jnp.dot(x.astype(dtype), w.astype(dtype)) * scale.astype(dtype)
     return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype))
+
+
+def _is_hopper(backend: str) -> bool:
+    """Whether the backend's device is an H100/H200 (interpret mode keeps to gpu.py: the Mosaic GPU
+    interpreter is far slower; tests call hopper.py directly)."""
+    return not KERNEL_BACKENDS[backend] and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
 def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, backend: str) -> list[jax.Array]:
