@@ -14,6 +14,7 @@ as a jitted chain over > 1 GiB of distinct weight copies (quant_h100.chain_time:
 - xla_dot: XLA's dequantize-in-fusion dot (quant_linear's non-kernel path).
 - col / col_direct (one row only): matvec_reduce on the stored layout: a column reduction XLA fuses with the conversion
   (factored per group, or every weight dequantized first).
+- hopper_nk[...]: a probe of the [N, K] layout with the MMA's register operand (hopper_nk, below).
 - row / row_direct (one row only): the same sum over W stored transposed ([N, K]; int4 packed along K, a group's first half
   in the low nibbles): a row reduction, XLA's most tuned kind. Only here, to see whether a layout change
   would pay.
@@ -24,6 +25,7 @@ GB/s counts the stored weight + scale (+ zero) bytes.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -31,6 +33,8 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.quant_h100 import SHAPES, chain_time, run_header
 from pallas_kernels.quant_matmul import gpu, hopper, pack_half, quant_linear, quantize, reference, unpack_int4
@@ -64,6 +68,90 @@ def matvec_reduce(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array 
     inner = jnp.sum(xs * q.astype(jnp.float32), axis=1)  # [G, N]
     out = inner * scale if zero is None else inner * scale + zero * jnp.sum(xs, axis=1)
     return jnp.sum(out, axis=0, keepdims=True)
+
+
+_X_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "stages", "splits", "interpret"))
+def hopper_nk(x: jax.Array, wt: jax.Array, st: jax.Array, zt: jax.Array | None = None, *, tile_n: int = 64,
+              tile_k: int = 128, stages: int = 4, splits: int | None = None, interpret: bool = False) -> jax.Array:
+    """A layout probe, not yet in the package: x [M, K] @ W with W stored [N, K] (int8, st [N, 1]; or jnp.int4
+    values -8..7, st and zt [N, G]), as Hopper kernels elsewhere take it. The weight tile goes from shared
+    memory into registers in the MMA's operand layout (WGMMA_UPCAST_2X / _4X), converted there, and into the
+    warpgroup MMA as its register operand: no bf16 copy through shared memory. Mosaic GPU's interpreter has
+    no register-operand MMA, so this runs on a GPU only (checked against the oracle before it is timed)."""
+    m, k = x.shape
+    n = wt.shape[0]
+    groups = st.shape[1]
+    group = k // groups
+    int4 = wt.dtype == jnp.int4
+    rows = max(8, 1 << (m - 1).bit_length())
+    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0)))
+    splits = splits or max(d for d in range(1, k // tile_k + 1) if (k // tile_k) % d == 0
+                           and d <= max(1, -(-264 // (n // tile_n))))  # ~2 programs per SM of 132
+    steps = k // (tile_k * splits)
+    row_bytes = tile_k // 2 if int4 else tile_k
+    w_tiles = (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(min(128, row_bytes)))
+    upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(x_gmem, w_gmem, s_gmem, *refs):
+        z_gmem = refs[0] if zt is not None else None
+        o_gmem = refs[-1]
+        j, split = jax.lax.axis_index("strip"), jax.lax.axis_index("split")
+        rows_n = pl.ds(j * tile_n, tile_n)
+
+        def accumulate(acc):
+            def step(idx, x_smem, w_smem):
+                q = plgpu.load(w_smem, layout=upcast)
+                q = plgpu.layout_cast(q, plgpu.Layout.WGMMA)
+                if groups > 1:
+                    g = (split * steps + idx[0]) * tile_k // group
+                    s = plgpu.load(s_gmem.at[rows_n, g], layout=row_layout, optimized=False)
+                    t = q.astype(jnp.float32) * jax.lax.broadcast_in_dim(s, q.shape, (0,))
+                    if z_gmem is not None:
+                        z = plgpu.load(z_gmem.at[rows_n, g], layout=row_layout, optimized=False)
+                        t = t + jax.lax.broadcast_in_dim(z, q.shape, (0,))
+                    a = t.astype(jnp.bfloat16)
+                else:
+                    a = q.astype(jnp.bfloat16)
+                plgpu.wgmma(acc, a, x_smem.T)
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(
+                step, grid=(steps,),
+                in_specs=[plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=_X_TILES),
+                          plgpu.BlockSpec((tile_n, tile_k), lambda ki: (j, split * steps + ki), transforms=w_tiles)],
+                max_concurrent_steps=stages)(x_gmem, w_gmem)
+            return acc[...]
+
+        res = pl.run_scoped(accumulate, plgpu.ACC((tile_n, rows), jnp.float32))
+        if groups == 1:
+            s = plgpu.load(s_gmem.at[rows_n, 0], layout=row_layout, optimized=False)
+            res = res * jax.lax.broadcast_in_dim(s, res.shape, (0,))
+        o_gmem[pl.ds(split * n + j * tile_n, tile_n), :] = res
+
+    args = [xp, wt, st.astype(jnp.float32)] + ([] if zt is None else [zt.astype(jnp.float32)])
+    run = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32),
+                       grid=(n // tile_n, splits), grid_names=("strip", "split"),
+                       compiler_params=plgpu.CompilerParams(approx_math=False), kernel_name="quant_matmul_hopper_nk",
+                       interpret=plgpu.InterpretGPUParams() if interpret else None)
+    return run(*args).reshape(splits, n, rows).sum(axis=0).T[:m]
+
+
+def to_nk(w: jax.Array, bits: int, groups: int) -> tuple:
+    """float w [K, N] -> (wt [N, K] int8 / int4, st [N, G], zt [N, G] or None) and the float weights they hold."""
+    k, n = w.shape
+    wg = w.T.reshape(n, groups, k // groups)
+    if bits == 8:
+        s = jnp.max(jnp.abs(wg), axis=2) / 127.0
+        q = jnp.clip(jnp.round(wg / s[:, :, None]), -127, 127)
+        return q.reshape(n, k).astype(jnp.int8), s, None, (q * s[:, :, None]).reshape(n, k).T
+    lo, hi = jnp.min(wg, axis=2), jnp.max(wg, axis=2)
+    s = (hi - lo) / 15.0
+    q = jnp.clip(jnp.round((wg - lo[:, :, None]) / s[:, :, None]), 0, 15) - 8  # signed int4: -8..7
+    z = lo + 8 * s
+    return q.reshape(n, k).astype(jnp.int4), s, z, (q * s[:, :, None] + z[:, :, None]).reshape(n, k).T
 
 
 def transposed(w: jax.Array, bits: int, groups: int) -> tuple:
@@ -115,6 +203,10 @@ def forms(bits: int, half: int | None, rows: int, k: int, n: int, smoke: bool) -
     for knobs in [{}, *KNOBS]:
         label = "kernel" + "".join(f" {a}={b}" for a, b in knobs.items())
         out[label] = (lambda x, q, s, z, kn=knobs: gpu.quant_matmul(x, q, s, z, half=half, interpret=smoke, **kn), "q")
+    if not smoke:
+        out["hopper_nk"] = (lambda x, q, s, z: hopper_nk(x, q, s, z), "n")
+        out["hopper_nk stages=2"] = (lambda x, q, s, z: hopper_nk(x, q, s, z, stages=2), "n")
+        out["hopper_nk tile_n=128"] = (lambda x, q, s, z: hopper_nk(x, q, s, z, tile_n=128), "n")
     group = k if bits == 8 else 128
     if hopper.supported(rows, k, n, group, half):
         base = hopper.choose_params(rows, k, n, group, half)
@@ -145,11 +237,14 @@ def run(args: argparse.Namespace, bw: float) -> list[dict]:
             half = pack_half(n) if bits == 4 else None
             stored = quantize(w, bits, k // group, half)
             tstored = transposed(w, bits, k // group)
+            nstored = to_nk(w, bits, k // group)[:3]
             want = reference.quant_matmul(x, *stored, half)
             wbytes = sum(a.nbytes for a in stored if a is not None)
             copies = max(2, int(budget // wbytes))
             sets = {"q": [tuple(a + 0 if a is not None else None for a in stored) for _ in range(copies)],
                     "t": [tuple(a + 0 if a is not None else None for a in tstored) for _ in range(copies)],
+                    "n": [tuple(None if a is None else jnp.array(a, copy=True) for a in nstored)
+                          for _ in range(copies)],
                     "d": [(w.astype(jnp.bfloat16) + 0,) for _ in range(max(2, int(budget // (2 * k * n))))]}
             row = {"shape": name, "K": k, "N": n, "bits": bits, "group": group, "M": rows, "weight_MB": wbytes / 1e6}
             for label, (fn, which) in forms(bits, half, rows, k, n, args.smoke).items():
