@@ -20,13 +20,14 @@ HOPPER_MIN_ROWS = 17  # int4 from here to 64 rows runs hopper.py's kernel on an 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
                  dtype, backend: str) -> jax.Array:
     """x [M, K] @ W [K, N] -> [M, N] in `dtype`, W stored as reference.py lays it out. Small M runs a kernel
-    that reads W as stored: the Pallas kernel on a GPU backend, the C++ one (cpu.py) on a CPU; otherwise int8
+    that reads W as stored: a Pallas kernel on a GPU backend (gpu.py; hopper.py for bf16 int4 at
+    HOPPER_MIN_ROWS-64 rows on an H100/H200), the C++ one (cpu.py) on a CPU; otherwise int8
     with one scale per channel scales the product instead (on CPU through int8_dot_two_level), and the rest
     XLA dequantizes to `dtype` inside the matmul's fusion."""
     m, k = x.shape
     groups, n = scale.shape
-    if backend in KERNEL_BACKENDS and w.dtype == jnp.uint8 and m >= HOPPER_MIN_ROWS and _is_hopper(backend) and (
-            hopper.supported(m, k, n, k // groups, half)):
+    if (backend in KERNEL_BACKENDS and w.dtype == jnp.uint8 and jnp.dtype(dtype) == jnp.bfloat16 and m >= HOPPER_MIN_ROWS
+            and _is_hopper(backend) and hopper.supported(m, k, n, k // groups, half)):  # (it computes in bf16)
         return hopper.quant_matmul(x, w, scale, zero, half=half, stages=2,
                                    interpret=KERNEL_BACKENDS[backend]).astype(dtype)
     if backend in KERNEL_BACKENDS and gpu.supported(m, k, n, k // groups, half):
