@@ -41,14 +41,14 @@ VARIANTS = {
 CHOICES = [*CONFIGS, *(c + v for c in CONFIGS if c != "bf16" for v in VARIANTS)]
 
 
-def profile_config(label: str, args: argparse.Namespace) -> dict:
+def profile_config(label: str, args: argparse.Namespace, shown: str | None = None) -> dict:
     for suffix, switches in VARIANTS.items():
         if label.endswith(suffix):
             saved = [(mod, name, getattr(mod, name)) for mod, name, _ in switches]
             try:
                 for mod, name, value in switches:
                     setattr(mod, name, value)
-                return profile_config(label[:-len(suffix)], args) | {"config": label}
+                return profile_config(label[:-len(suffix)], args, shown or label) | {"config": shown or label}
             finally:
                 for mod, name, value in saved:
                     setattr(mod, name, value)
@@ -80,7 +80,7 @@ def profile_config(label: str, args: argparse.Namespace) -> dict:
            "busy_ms_per_step": sum(e["dur"] for e in events) / 1e3 / args.tokens,
            "kernels_per_step": len(events) / args.tokens,
            "top": [(k[:80], len(v) / args.tokens, statistics.median(v)) for k, v in top]}
-    print(f"{label}: wall {row['wall_ms_per_step']:.2f} ms/step, "
+    print(f"{shown or label}: wall {row['wall_ms_per_step']:.2f} ms/step, "
           f"device busy {row['busy_ms_per_step']:.2f} ms/step, "
           f"{row['kernels_per_step']:.0f} kernels/step", flush=True)
     for k, n, d in row["top"]:
