@@ -9,8 +9,8 @@ the same generate under jax.profiler: device busy time per step (the sum of kern
 generate, prefill included, per decode step), kernels per step and the longest kernels. Busy well below wall
 is a device waiting for the host (quantized steps launch several hundred small kernels); where the host's
 time goes is listed by event name (a `command_buffer::update` per step means XLA re-records the CUDA graph:
-some buffer moved, which --pointers shows). Suffixes switch a path off or on (VARIANTS): "-apart" runs q/k/v and gate/up as separate kernel calls,
-"-triton" keeps int4 at 17-64 rows off the Hopper kernel.
+some buffer moved, which --pointers shows). Suffixes switch a path off (VARIANTS): "-apart" runs q/k/v and
+gate/up as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ as a jitted chain over > 1 GiB of distinct weight copies (quant_h100.chain_time:
 - col / col_direct (one row only): matvec_reduce on the stored layout: a column reduction XLA fuses with the conversion
   (factored per group, or every weight dequantized first).
 - hopper_nk[...]: a probe of the [N, K] layout with the MMA's register operand (hopper_nk, below).
-- row / row_direct (one row only): the same sum over W stored transposed ([N, K]; int4 packed along K, a group's first half
-  in the low nibbles): a row reduction, XLA's most tuned kind. Only here, to see whether a layout change
-  would pay.
+- row / row_direct (one row only): the same sum over W stored transposed ([N, K]; int4 packed along K, a
+  group's first half in the low nibbles): a row reduction, XLA's most tuned kind. Only here, to see whether
+  a layout change would pay.
 
 GB/s counts the stored weight + scale (+ zero) bytes.
 """
@@ -87,8 +87,7 @@ def hopper_nk(x: jax.Array, wt: jax.Array, st: jax.Array, zt: jax.Array | None =
     int4 = wt.dtype == jnp.int4
     rows = max(8, 1 << (m - 1).bit_length())
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0)))
-    splits = splits or max(d for d in range(1, k // tile_k + 1) if (k // tile_k) % d == 0
-                           and d <= max(1, -(-264 // (n // tile_n))))  # ~2 programs per SM of 132
+    splits = splits or gpu.split_k(k // tile_k, n // tile_n)
     steps = k // (tile_k * splits)
     row_bytes = tile_k // 2 if int4 else tile_k
     w_tiles = (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(min(128, row_bytes)))
@@ -248,7 +247,8 @@ def run(args: argparse.Namespace, bw: float) -> list[dict]:
                     "d": [(w.astype(jnp.bfloat16) + 0,) for _ in range(max(2, int(budget // (2 * k * n))))]}
             row = {"shape": name, "K": k, "N": n, "bits": bits, "group": group, "M": rows, "weight_MB": wbytes / 1e6}
             for label, (fn, which) in forms(bits, half, rows, k, n, args.smoke).items():
-                if args.forms and not any(label == f or f.endswith("*") and label.startswith(f[:-1]) for f in args.forms):
+                if args.forms and not any(label == f or f.endswith("*") and label.startswith(f[:-1])
+                                          for f in args.forms):
                     continue
                 try:
                     got = jax.jit(fn)(x, *sets[which][0])

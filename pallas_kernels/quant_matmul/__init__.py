@@ -26,8 +26,9 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     XLA dequantizes to `dtype` inside the matmul's fusion."""
     m, k = x.shape
     groups, n = scale.shape
-    if (backend in KERNEL_BACKENDS and w.dtype == jnp.uint8 and jnp.dtype(dtype) == jnp.bfloat16 and m >= HOPPER_MIN_ROWS
-            and _is_hopper(backend) and hopper.supported(m, k, n, k // groups, half)):  # (it computes in bf16)
+    bf16_int4 = w.dtype == jnp.uint8 and jnp.dtype(dtype) == jnp.bfloat16  # (the Hopper kernel computes in bf16)
+    if (backend in KERNEL_BACKENDS and bf16_int4 and m >= HOPPER_MIN_ROWS and _is_hopper(backend)
+            and hopper.supported(m, k, n, k // groups, half)):
         return hopper.quant_matmul(x, w, scale, zero, half=half, stages=2,
                                    interpret=KERNEL_BACKENDS[backend]).astype(dtype)
     if backend in KERNEL_BACKENDS and gpu.supported(m, k, n, k // groups, half):

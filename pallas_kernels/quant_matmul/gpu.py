@@ -161,6 +161,13 @@ def supported(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
     return rows <= MAX_ROWS and k % 16 == 0 and min(group, 128) % 16 == 0 and block_n >= 16 and n % block_n == 0
 
 
+def split_k(steps: int, strips: int, num_cores: int = 132) -> int:
+    """How many programs share K: the largest divisor of the `steps` along K that keeps the grid of `strips`
+    column strips times it near 2 programs per SM."""
+    want = max(1, -(-2 * num_cores // strips))
+    return max(d for d in range(1, steps + 1) if steps % d == 0 and d <= want)
+
+
 def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | None = None, block_n: int | None = None,
                   body: str | None = None, num_cores: int = 132, widest: int | None = None) -> dict:
     """Tiling from the shapes (the H100/H200 sweeps in benchmarks/RESULTS.md): int8 at one row runs the gemv
@@ -184,9 +191,7 @@ def choose_params(rows: int, k: int, n: int, half: int | None, block_k: int | No
     block_k = block_k or math.gcd(k, 64 if gemv else 128)
     if n % block_n or (half and block_n % (2 * half)):
         raise ValueError(f"block_n {block_n} must divide N = {n}" + (f" in pairs of {half}" if half else ""))
-    total = k // block_k
-    want = -(-2 * num_cores // ((widest or n) // block_n))
-    splits = max(d for d in range(1, total + 1) if total % d == 0 and d <= max(1, want))
+    splits = split_k(k // block_k, (widest or n) // block_n, num_cores)
     return {"block_n": block_n, "block_k": block_k, "num_splits": splits, "num_warps": 8 if gemv else 4,
             "num_stages": 3, "body": body, "convert": "magic" if half or body == "gemv" else "cast"}
 

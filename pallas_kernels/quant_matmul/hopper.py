@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.quant_matmul.gpu import split_k
+
 MAX_ROWS = 64  # x's rows are the MMA's N side: 8..64 here
 _SMEM_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # bf16 MMA operands, 128-byte rows
 
@@ -42,10 +44,7 @@ def choose_params(rows: int, k: int, n: int, group: int, half: int | None, num_c
     (int4 groups of 64: 64), four tiles in flight, K split until the grid has ~2 programs per SM."""
     tile_n = 64 if half is None else 128
     tile_k = 128 if half is None or group % 128 == 0 else 64
-    total = k // tile_k
-    want = -(-2 * num_cores // (n // tile_n))
-    splits = max(d for d in range(1, total + 1) if total % d == 0 and d <= max(1, want))
-    return {"tile_n": tile_n, "tile_k": tile_k, "stages": 4, "splits": splits}
+    return {"tile_n": tile_n, "tile_k": tile_k, "stages": 4, "splits": split_k(k // tile_k, n // tile_n, num_cores)}
 
 
 @functools.partial(jax.jit, static_argnames=("half", "tile_n", "tile_k", "stages", "splits", "interpret"))
