@@ -47,7 +47,8 @@ KNOBS = [{"num_splits": s} for s in (4, 8, 16, 32, 64)] + [
     {"body": "gemv", "block_k": 64, "block_n": 256, "num_warps": 8, "num_stages": 1},
     {"body": "gemv", "block_k": 64, "block_n": 256, "num_warps": 8, "num_stages": 4},
     {"body": "gemv", "block_k": 64, "block_n": 512, "num_warps": 8}]
-HOPPER_KNOBS = [{"stages": 2}, {"stages": 6}, {"splits": "half"}, {"splits": "double"}]
+HOPPER_KNOBS = [{"stages": 2}, {"stages": 6}, {"splits": "half"}, {"splits": "double"}, {"piped_scales": True},
+                {"piped_scales": True, "stages": 2}]
 
 
 def matvec_reduce(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,

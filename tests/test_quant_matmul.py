@@ -205,15 +205,17 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
             assert "quant_matmul" in triple.as_text()
 
 
-@pytest.mark.parametrize("m,k,n,bits,groups", [
-    (1, 256, 128, 8, 1),   # int8, one scale per channel (applied to the result), K split across programs
-    (20, 256, 256, 4, 2),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
-    (3, 256, 128, 4, 4),   # int4 in groups of 64: steps of 64 rows
+@pytest.mark.parametrize("m,k,n,bits,groups,knobs", [
+    (1, 256, 128, 8, 1, {}),   # int8, one scale per channel (applied to the result), K split across programs
+    (20, 256, 256, 4, 2, {}),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
+    (3, 256, 128, 4, 4, {}),   # int4 in groups of 64: steps of 64 rows
+    (2, 512, 128, 4, 2, {"piped_scales": True}),  # scales and zeros by TMA with the weights
+    (3, 512, 256, 4, 2, {"piped_scales": True, "tile_k": 64, "splits": 2}),  # a group over two steps
 ])
-def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups):
+def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, knobs):
     x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=7 * m + k + n)
     assert hopper.supported(m, k, n, k // groups, half)
-    got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True)
+    got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True, **knobs)
     want = reference.quant_matmul(x, q, scale, zero, half)
     assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
@@ -225,6 +227,9 @@ def test_hopper_kernel_rejects_what_it_cannot_tile():
     assert not hopper.supported(2, 256, 96, 32, half) and not hopper.supported(65, 256, 128, 256, None)
     with pytest.raises(ValueError, match="does not take"):
         hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True)
+    x, _, half, (q, scale, zero) = make(2, 256, 128, 4, 4, jnp.bfloat16, seed=2)  # groups of 64
+    with pytest.raises(ValueError, match="at most one group"):  # a step's tile takes one group's scales
+        hopper.quant_matmul(x, q, scale, zero, half=half, tile_k=128, interpret=True)
 
 
 @pytest.mark.parametrize("m,k,n,bits,groups", [(64, 4096, 14336, 4, 32), (17, 14336, 4096, 4, 112),

@@ -47,12 +47,16 @@ def choose_params(rows: int, k: int, n: int, group: int, half: int | None, num_c
     return {"tile_n": tile_n, "tile_k": tile_k, "stages": 4, "splits": split_k(k // tile_k, n // tile_n, num_cores)}
 
 
-@functools.partial(jax.jit, static_argnames=("half", "tile_n", "tile_k", "stages", "splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("half", "tile_n", "tile_k", "stages", "splits", "piped_scales",
+                                             "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
                  half: int | None = None, tile_n: int | None = None, tile_k: int | None = None,
-                 stages: int | None = None, splits: int | None = None, interpret: bool = False) -> jax.Array:
+                 stages: int | None = None, splits: int | None = None, piped_scales: bool = False,
+                 interpret: bool = False) -> jax.Array:
     """Same contract as reference.quant_matmul (float32 [M, N]) for M <= MAX_ROWS and supported shapes. x
-    enters the MMA as bf16; int4 weights are dequantized to bf16 before it (int8's are exact in bf16)."""
+    enters the MMA as bf16; int4 weights are dequantized to bf16 before it (int8's are exact in bf16).
+    `piped_scales`: a step's group scales (and zeros) arrive by TMA with its weight tile instead of a load
+    from global memory in the step (not yet measured on a GPU; off by default)."""
     m, k = x.shape
     groups, n = scale.shape
     group = k // groups
@@ -63,10 +67,11 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     tile_n, tile_k = tile_n or p["tile_n"], tile_k or p["tile_k"]
     stages, splits = stages or p["stages"], splits or p["splits"]
     per_group = int4 or groups > 1
+    piped = piped_scales and per_group
     steps = k // (tile_k * splits)
-    if steps * tile_k * splits != k or n % tile_n or (per_group and group % tile_k and tile_k % group):
-        raise ValueError(f"tile_k {tile_k} x splits {splits} must tile K = {k} (groups of {group}), tile_n "
-                         f"{tile_n} N = {n}")
+    if steps * tile_k * splits != k or n % tile_n or (per_group and group % tile_k):
+        raise ValueError(f"tile_k {tile_k} x splits {splits} must tile K = {k} (at most one group of {group} "
+                         f"per step), tile_n {tile_n} N = {n}")
     rows = max(8, 1 << (m - 1).bit_length())
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0)))
     parts = 2 if int4 else 1  # int4: the low and the high nibbles are two [tile_k, tile_n / 2] column blocks
@@ -77,15 +82,19 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
         z_gmem = refs[0] if zero is not None else None
         o_gmem, *wb_smems = refs[-1 - parts:]
         j, split = jax.lax.axis_index("strip"), jax.lax.axis_index("split")
+        group_refs = [r for r in (s_gmem, z_gmem) if r is not None] if piped else []
 
         def group_row(ref, ki, c):  # the group's scale (or zero) for output columns [c, c + width) of the strip
-            g = (split * steps + ki) * tile_k // group
-            return plgpu.load(ref.at[g, pl.ds(j * tile_n + c, width)], layout=plgpu.Layout.WGMMA.reduce(0),
-                              optimized=False)
+            at = ref.at[0, pl.ds(c, width)] if piped else ref.at[group_of(ki), pl.ds(j * tile_n + c, width)]
+            return plgpu.load(at, layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+
+        def group_of(ki):  # the group of K step ki of this split
+            return (split * steps + ki) * tile_k // group
 
         def accumulate(*accs):
-            def step(idx, x_smem, w_smem):
+            def step(idx, x_smem, w_smem, *group_smems):
                 ki = idx[0]
+                s_ref, z_ref = (group_smems + (None,))[:2] if piped else (s_gmem, z_gmem)
                 q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False)  # [tile_k, w_cols]
                 if int4:  # (shifts need 16 or 32 bits)
                     q = q.astype(jnp.int32)
@@ -93,9 +102,9 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
                     part = (q & 15 if i == 0 else q >> 4) if int4 else q
                     if per_group:
                         t = part.astype(jnp.float32) * jax.lax.broadcast_in_dim(
-                            group_row(s_gmem, ki, i * width), part.shape, (1,))
-                        if z_gmem is not None:
-                            t = t + jax.lax.broadcast_in_dim(group_row(z_gmem, ki, i * width), part.shape, (1,))
+                            group_row(s_ref, ki, i * width), part.shape, (1,))
+                        if z_ref is not None:
+                            t = t + jax.lax.broadcast_in_dim(group_row(z_ref, ki, i * width), part.shape, (1,))
                         wb[...] = t.astype(jnp.bfloat16)
                     else:
                         wb[...] = part.astype(jnp.bfloat16)
@@ -104,11 +113,12 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
                     plgpu.wgmma(acc, wb.T, x_smem.T)  # [width, tile_k] @ [tile_k, rows]
                 plgpu.wgmma_wait(0)
 
+            group_specs = [plgpu.BlockSpec((1, tile_n), lambda ki: (group_of(ki), j))] * len(group_refs)
             plgpu.emit_pipeline(
                 step, grid=(steps,),
                 in_specs=[plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=_SMEM_TILES),
-                          plgpu.BlockSpec((tile_k, w_cols), lambda ki: (split * steps + ki, j))],
-                max_concurrent_steps=stages)(x_gmem, w_gmem)
+                          plgpu.BlockSpec((tile_k, w_cols), lambda ki: (split * steps + ki, j)), *group_specs],
+                max_concurrent_steps=stages)(x_gmem, w_gmem, *group_refs)
             return tuple(acc[...] for acc in accs)
 
         results = pl.run_scoped(accumulate, *[plgpu.ACC((width, rows), jnp.float32) for _ in range(parts)])
