@@ -83,7 +83,7 @@ def test_kernel_matches_the_oracle(m, k, n, bits, groups, dtype, knobs):
 ])
 def test_many_matrices_in_one_call(m, k, ns, bits, groups, dtype, knobs):
     """q/k/v (gate/up) in one kernel: each matrix's slice of the output is its own product, every element written."""
-    mats, wants = [], []
+    mats = []
     for i, n in enumerate(ns):
         x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, dtype, seed=100 * i + n)
         mats.append((q, scale, zero))
