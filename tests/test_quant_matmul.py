@@ -209,6 +209,7 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
     (1, 256, 128, 8, 1, {}),   # int8, one scale per channel (applied to the result), K split across programs
     (20, 256, 256, 4, 2, {}),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
     (3, 256, 128, 4, 4, {}),   # int4 in groups of 64: steps of 64 rows
+    (2, 256, 128, 8, 4, {}),   # int8 in groups of 64: scaled per step, steps of 64 rows
     (2, 512, 128, 4, 2, {"piped_scales": True}),  # scales and zeros by TMA with the weights
     (3, 512, 256, 4, 2, {"piped_scales": True, "tile_k": 64, "splits": 2}),  # a group over two steps
 ])

@@ -41,9 +41,9 @@ def supported(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
 
 def choose_params(rows: int, k: int, n: int, group: int, half: int | None, num_cores: int = 132) -> dict:
     """Tiles from the shapes: strips of 64 outputs (int4: 128, one packed column block), steps of 128 rows
-    (int4 groups of 64: 64), four tiles in flight, K split until the grid has ~2 programs per SM."""
+    (groups of 64: 64), four tiles in flight, K split until the grid has ~2 programs per SM."""
     tile_n = 64 if half is None else 128
-    tile_k = 128 if half is None or group % 128 == 0 else 64
+    tile_k = 128 if group % 128 == 0 else 64
     return {"tile_n": tile_n, "tile_k": tile_k, "stages": 4, "splits": split_k(k // tile_k, n // tile_n, num_cores)}
 
 
@@ -130,17 +130,13 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
             o_gmem[pl.ds(split * n + j * tile_n + i * width, width), :] = res
 
     args = [xp, w, scale.astype(jnp.float32)] + ([] if zero is None else [zero.astype(jnp.float32)])
-    run = plgpu.kernel(
+    partial = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32),
         scratch_types=[plgpu.SMEM((tile_k, width), jnp.bfloat16, transforms=_SMEM_TILES) for _ in range(parts)],
         grid=(n // tile_n, splits), grid_names=("strip", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=False),
-        kernel_name=f"quant_matmul_hopper_int{4 if int4 else 8}_k{tile_k}_s{splits}")
-    if interpret:
-        with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-            partial = run(*args)
-    else:
-        partial = run(*args)
+        kernel_name=f"quant_matmul_hopper_int{4 if int4 else 8}_k{tile_k}_s{splits}",
+        interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
     return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
 
 
