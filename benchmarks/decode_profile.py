@@ -10,7 +10,8 @@ generate, prefill included, per decode step), kernels per step and the longest k
 is a device waiting for the host (quantized steps launch several hundred small kernels); where the host's
 time goes is listed by event name (a `command_buffer::update` per step means XLA re-records the CUDA graph:
 some buffer moved, which --pointers shows). Suffixes switch a path off (VARIANTS): "-apart" runs q/k/v and
-gate/up as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel.
+gate/up as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel, "-kn" keeps the
+quantized kernels [in, out] (load_model picks the transposed nk layout on a Hopper GPU).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 import jax
 
 from benchmarks.attention_profile import trace_events
-from jaxllm import LLM, SamplingParams, runner
+from jaxllm import LLM, SamplingParams, runner, weights
 from pallas_kernels import quant_matmul
 from pallas_kernels.quant_matmul import gpu
 
@@ -37,6 +38,7 @@ CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("in
 VARIANTS = {
     "-apart": [(gpu, "supported_many", lambda *a: False)],  # q/k/v, gate/up as separate kernel calls
     "-triton": [(quant_matmul, "HOPPER_MIN_ROWS", 10 ** 9)],  # int4 at 17-64 rows in gpu.py's kernel too
+    "-kn": [(weights, "_quant_layout", lambda *a: "kn")],  # the [in, out] layout on a Hopper GPU too
 }
 CHOICES = [*CONFIGS, *(c + v for c in CONFIGS if c != "bf16" for v in VARIANTS)]
 

@@ -155,11 +155,13 @@ ENGINE_CONFIGS = {
     "int4-rows1": ("int4", "auto", 1, True, [(1, 128, 256)]),
     "bf16+kv-int8": (None, "int8", None, False, [(1, 128, 256), (64, 128, 128), (64, 1024, 128)]),
 }
+ENGINE_CONFIGS.update({f"{q}-kn": ENGINE_CONFIGS[q] for q in ("int8", "int4")})  # the [in, out] layout on Hopper
 
 
 def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
     """bench.time_decode per ENGINE_CONFIGS entry; "-rowsN" runs batch 1 as N rows (the runner's choice: one
-    row for int8 weights on a GPU, otherwise 8: runner.decode_buckets)."""
+    row for int8 weights on a GPU, otherwise 8: runner.decode_buckets); "-kn" keeps the quantized kernels in the
+    checkpoints' [in, out] layout (load_model's quant_layout; "auto" picks nk on a Hopper GPU)."""
     from jaxllm import runner
 
     rows = []
@@ -167,11 +169,12 @@ def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
         quant, kv, min_rows, head, cases = ENGINE_CONFIGS[label]
         buckets = runner.decode_buckets
         if min_rows:  # the runner asks decode_buckets once, while LLM builds it
-            runner.decode_buckets = lambda platform, quantization, n: runner.pow2_ladder(min_rows, max(n, min_rows))
+            runner.decode_buckets = lambda platform, quantization, n, *layout: runner.pow2_ladder(
+                min_rows, max(n, min_rows))
         t = time.perf_counter()
         try:
             llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, kv_cache_dtype=kv,
-                      quantize_lm_head=head,
+                      quantize_lm_head=head, quant_layout="kn" if label.endswith("-kn") else "auto",
                       max_num_seqs=64, num_kv_pages=4096, max_model_len=2048, max_num_batched_tokens=2048,
                       enable_prefix_caching=False, warmup=False)
         finally:

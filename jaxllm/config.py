@@ -89,6 +89,9 @@ class RopeConfig:
 # into int4 / int8).
 QUANTIZATIONS = ("int8", "int4", "awq", "gguf")
 LAYER_QUANTIZATIONS = ("int8", "int4")
+# How quantized kernels are laid out on the devices (pallas_kernels/quant_matmul/reference.py): "kn" as
+# checkpoints store [in, out]; "nk" transposed, for Hopper GPUs (load_model's quant_layout="auto" picks it there).
+QUANT_LAYOUTS = ("kn", "nk")
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -129,6 +132,7 @@ class ModelConfig:
     quantization: str | None = None  # how the linear layers hold their weights (LAYER_QUANTIZATIONS); None: float
     quant_group_size: int | None = None  # inputs per scale; None: int8 per channel, int4 128 (from GGUF: 32)
     lm_head_int8: bool = False  # the LM head in int8, one scale per vocab entry (a tied embedding: its own copy)
+    quant_layout: str = "kn"  # QUANT_LAYOUTS: the quantized kernels as [in, out] or transposed ("nk")
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -141,6 +145,8 @@ class ModelConfig:
         if self.quantization not in (None, *LAYER_QUANTIZATIONS):
             raise ConfigError(f"ModelConfig.quantization must be one of {', '.join(LAYER_QUANTIZATIONS)} or None, "
                               f"got {self.quantization!r}")
+        if self.quant_layout not in QUANT_LAYOUTS:
+            raise ConfigError(f"quant_layout must be one of {', '.join(QUANT_LAYOUTS)}, got {self.quant_layout!r}")
 
     @property
     def norm_plus_one(self) -> bool:

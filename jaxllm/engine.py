@@ -101,7 +101,7 @@ class LLMEngine:
     def __init__(self, model: str | Path | None = None, *, tokenizer: str | Path | None = None,
                  dtype: Any = "auto", revision: str | None = None, gpu_memory_utilization: float | None = None,
                  load_format: str = "auto", quantization: str | None = None, quantize_lm_head: bool = True,
-                 **engine_kwargs: Any) -> None:
+                 quant_layout: str = "auto", **engine_kwargs: Any) -> None:
         if gpu_memory_utilization is not None:
             engine_kwargs["memory_utilization"] = gpu_memory_utilization
         self.config = EngineConfig(**engine_kwargs)
@@ -109,7 +109,7 @@ class LLMEngine:
         t0 = time.monotonic()
         self.model = load_model(model, dtype=dtype, tokenizer=tokenizer, revision=revision, load_format=load_format,
                                 quantization=quantization, quantize_lm_head=quantize_lm_head,
-                                attention_backend=self.config.attention_backend,
+                                quant_layout=quant_layout, attention_backend=self.config.attention_backend,
                                 mesh=make_mesh(self.config.tensor_parallel_size))
         self.tokenizer = self.model.tokenizer
         t1 = time.monotonic()

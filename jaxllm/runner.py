@@ -44,7 +44,8 @@ from jaxllm.weights import LoadedModel
 MIXED_MIN_TOKENS = 16
 MIN_DECODE_ROWS = {"cpu": 1}  # smallest decode bucket per platform; others (GPU, TPU): 8
 # Weights whose matmuls run fastest at one row on a GPU (int8: the quantized kernel's gemv body; 8B on an H200:
-# 4.24 ms/token as one row, 5.63 as eight): a lone sequence decodes as one row there too.
+# 4.24 ms/token as one row, 5.63 as eight; any quantization in the nk layout: XLA's row reduction): a lone
+# sequence decodes as one row there too.
 ONE_ROW_QUANTIZATIONS = ("int8",)
 SAMPLER_MODES = ("greedy", "sample", "sample-sort")
 PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for prompt logprobs
@@ -123,13 +124,14 @@ def pow2_ladder(lo: int, hi: int) -> list[int]:
     return out + [hi]
 
 
-def decode_buckets(platform: str, quantization: str | None, max_num_seqs: int) -> list[int]:
+def decode_buckets(platform: str, quantization: str | None, max_num_seqs: int, quant_layout: str = "kn") -> list[int]:
     """Rows of each decode step shape: at least MIN_DECODE_ROWS on accelerators even when max_num_seqs is
     smaller (padding rows: on the H100 an 8B model's batch-1 decode step took 8.13 ms with 1 row, 6.00 with 8),
-    plus one row for ONE_ROW_QUANTIZATIONS on a GPU."""
+    plus one row for ONE_ROW_QUANTIZATIONS (and any in the nk layout) on a GPU."""
     min_rows = MIN_DECODE_ROWS.get(platform, 8)
     buckets = pow2_ladder(min_rows, max(max_num_seqs, min_rows))
-    if min_rows > 1 and platform == "gpu" and quantization in ONE_ROW_QUANTIZATIONS:
+    one_row = quantization in ONE_ROW_QUANTIZATIONS or (quantization is not None and quant_layout == "nk")
+    if min_rows > 1 and platform == "gpu" and one_row:
         buckets.insert(0, 1)
     return buckets
 
@@ -207,7 +209,8 @@ class ModelRunner:
         self.kv_caches: list[KVPages] = allocate_kv_pages(
             loaded.module.backend, c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim,
             loaded.dtype, loaded.mesh, engine.kv_cache_dtype)
-        self.decode_buckets = decode_buckets(self.platform, loaded.quantization, engine.max_num_seqs)
+        self.decode_buckets = decode_buckets(self.platform, loaded.quantization, engine.max_num_seqs,
+                                             loaded.config.quant_layout)
         self.max_rows = self.decode_buckets[-1]
         self.mixed_buckets = pow2_ladder(min(MIXED_MIN_TOKENS, engine.max_num_batched_tokens),
                                          engine.max_num_batched_tokens)

@@ -116,6 +116,20 @@ def test_logprobs_match_the_dequantized_float_model(llms):
             assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
 
 
+def test_nk_layout_keeps_the_checkpoint_weights(checkpoints, llms):
+    """quant_layout="nk" (one Hopper GPU's): the checkpoint's int4 weights re-laid exactly (transposed, packed
+    along the inputs), so generation gives the [in, out] layout's tokens and logprobs."""
+    nk = LLM(str(checkpoints[0]), quantize_lm_head=False, quant_layout="nk", **KNOBS)
+    assert nk.model.config.quant_layout == "nk"
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=5) if len(p) > 1]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
+    a, b = nk.generate(prompts, params, use_tqdm=False), llms[0].generate(prompts, params, use_tqdm=False)
+    for p, x, y in zip(prompts, a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for t, lx, ly in zip(p["prompt_token_ids"][1:], x.prompt_logprobs[1:], y.prompt_logprobs[1:]):
+            assert abs(lx[t].logprob - ly[t].logprob) < 1e-4
+
+
 def test_explicit_awq_dummy_weights_and_jaxllm_checkpoint(checkpoints, llms, tmp_path):
     """quantization="awq" as None; load_format="dummy" quantizes random weights like the checkpoint; a converted
     jaxllm checkpoint keeps the int4 weights (its config.json keeps the quantization_config)."""

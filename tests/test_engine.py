@@ -357,11 +357,12 @@ def test_decode_rows_wider_than_max_num_seqs(tiny_model, monkeypatch):
     assert ids(wide)[0] == hf_greedy(hf, batch[0]["prompt_token_ids"], 12)
 
 
-@pytest.mark.parametrize("platform,quantization,max_num_seqs,want", [
-    ("cpu", "int8", 4, [1, 2, 4]), ("gpu", None, 64, [8, 16, 32, 64]), ("gpu", "int4", 2, [8]),
-    ("gpu", "int8", 64, [1, 8, 16, 32, 64]),  # int8 weights: a lone sequence decodes as one row (gemv body)
-    ("tpu", "int8", 20, [8, 16, 20])])
-def test_decode_buckets(platform, quantization, max_num_seqs, want):
+@pytest.mark.parametrize("platform,quantization,max_num_seqs,layout,want", [
+    ("cpu", "int8", 4, "kn", [1, 2, 4]), ("gpu", None, 64, "kn", [8, 16, 32, 64]), ("gpu", "int4", 2, "kn", [8]),
+    ("gpu", "int8", 64, "kn", [1, 8, 16, 32, 64]),  # int8 weights: a lone sequence decodes as one row (gemv body)
+    ("gpu", "int4", 2, "nk", [1, 8]),  # the nk layout: one row through XLA's row reduction
+    ("gpu", None, 2, "nk", [8]), ("tpu", "int8", 20, "kn", [8, 16, 20])])
+def test_decode_buckets(platform, quantization, max_num_seqs, layout, want):
     from jaxllm.runner import decode_buckets
 
-    assert decode_buckets(platform, quantization, max_num_seqs) == want
+    assert decode_buckets(platform, quantization, max_num_seqs, layout) == want

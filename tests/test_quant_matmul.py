@@ -2,8 +2,9 @@
 Mosaic GPU's Hopper one) in interpret mode on CPU against the float32 oracle on fresh random inputs (interpret
 mode fills outputs with NaN first, so an unwritten element fails), their lowering to CUDA (constraints
 interpret mode lets through) and the dispatch to the Hopper kernel, the C++ CPU
-kernel against the oracle (writing into a NaN-filled buffer), the CPU's int8 x int8 path, and the model's
-dispatch giving the same layer output through the kernels and through XLA.
+kernel against the oracle (writing into a NaN-filled buffer), the CPU's int8 x int8 path, the model's
+dispatch giving the same layer output through the kernels and through XLA, and the transposed nk layout (its
+XLA row reduction, the Hopper nk kernel interpreted and lowered, the dispatch to them).
 
 Tolerances: float32 inputs 1e-5 relative to the largest output; bfloat16 inputs (the kernel multiplies bf16
 activations by exact integer weights, accumulating in float32; the oracle is float32 throughout) 1e-2. The
@@ -19,7 +20,7 @@ import pytest
 
 import pallas_kernels.quant_matmul as quant_matmul
 from pallas_kernels.quant_matmul import (cpu, gpu, hopper, int8_dot_two_level, pack_half, pack_int4, quant_linear,
-                                        quant_linear_many, quantize, reference, unpack_int4)
+                                        quant_linear_many, quantize, reference, row_matmul, to_nk, unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -252,3 +253,80 @@ def test_hopper_kernel_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
             x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
         hopper_rows = bits == 4 and m >= quant_matmul.HOPPER_MIN_ROWS
         assert ("quant_matmul_hopper" in layer) == hopper_rows and ("quant_matmul_int" in layer) != hopper_rows
+
+
+@pytest.mark.parametrize("k,n,bits,groups", [(256, 64, 8, 1), (256, 96, 8, 8), (256, 64, 4, 2), (256, 96, 4, 8)])
+def test_nk_layout_holds_the_same_weights(k, n, bits, groups):
+    """to_nk re-lays the stored integers exactly: the nk layout dequantizes to the same W, int4 packed along K
+    in half-blocks of its group (a byte's two values share a scale)."""
+    _, _, half, (q, scale, zero) = make(2, k, n, bits, groups, jnp.float32, seed=k + n + bits)
+    wt, half_k = to_nk(q, half, groups)
+    assert wt.shape == ((n, k) if bits == 8 else (n, k // 2)) and wt.dtype == q.dtype
+    assert half_k == (None if bits == 8 else pack_half(k // groups))
+    np.testing.assert_array_equal(reference.dequantize(wt, scale, zero, half_k, nk=True),
+                                  reference.dequantize(q, scale, zero, half))
+
+
+@pytest.mark.parametrize("m,bits,groups", [(1, 8, 1), (1, 8, 4), (1, 4, 2), (1, 4, 8), (3, 4, 2), (2, 8, 1)])
+def test_row_matmul_matches_the_oracle(m, bits, groups):
+    """The nk layout's one-row form in XLA (what quant_linear runs at one row there), and the layer's other
+    nk paths (XLA's dot beyond one row) against the float32 oracle."""
+    x, _, half, (q, scale, zero) = make(m, 512, 192, bits, groups, jnp.float32, seed=m + bits + groups)
+    wt, half_k = to_nk(q, half, groups)
+    want = reference.quant_matmul(x, q, scale, zero, half)
+    top = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(row_matmul(x, wt, scale, zero, half_k), want, rtol=0, atol=1e-5 * top)
+    for backend in ("xla", "pallas-interpret", "sharded"):
+        got = quant_linear(x, wt, scale, zero, half_k, jnp.float32, backend, nk=True)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
+
+
+@pytest.mark.parametrize("m,k,n,bits,groups,knobs", [
+    (1, 256, 128, 8, 1, {}),    # int8, one scale per channel (applied to the result), K split across programs
+    (9, 256, 192, 8, 2, {"stages": 2}),   # int8 in groups of 128: scaled per step, rows padded to 16
+    (20, 512, 128, 4, 4, {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
+    (3, 256, 128, 4, 4, {"tile_n": 128}),  # int4 in groups of 64: steps of 64, 32 K per MMA
+])
+def test_hopper_nk_kernel_matches_the_oracle(m, k, n, bits, groups, knobs):
+    """The nk kernel's shared-memory path in Mosaic GPU's interpreter (NaN-filled memory), fresh inputs."""
+    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=11 * m + k + n)
+    wt, half_k = to_nk(q, half, groups)
+    assert hopper.supported_nk(m, k, n, k // groups, half_k)
+    got = hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, interpret=True, **knobs)
+    want = reference.quant_matmul(x, q, scale, zero, half)
+    assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    assert err < 1e-2, err
+
+
+def test_hopper_nk_kernel_rejects_what_it_cannot_take():
+    x, _, half, (q, scale, zero) = make(2, 256, 96, 4, 8, jnp.bfloat16, seed=3)  # groups of 32
+    wt, half_k = to_nk(q, half, 8)
+    assert not hopper.supported_nk(2, 256, 96, 32, half_k) and not hopper.supported_nk(65, 256, 128, 256, None)
+    with pytest.raises(ValueError, match="does not take"):
+        hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, interpret=True)
+    x, _, half, (q, scale, zero) = make(2, 256, 128, 4, 2, jnp.bfloat16, seed=4)
+    wt, half_k = to_nk(q, half, 2)
+    with pytest.raises(ValueError, match="registers=True takes int8"):
+        hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, registers=True)
+
+
+@pytest.mark.parametrize("m,k,n,bits,groups", [(8, 4096, 14336, 8, 1), (64, 14336, 4096, 8, 1),
+                                               (64, 4096, 14336, 4, 32), (1, 4096, 4096, 4, 32),
+                                               (1, 4096, 4096, 8, 1), (1, 4096, 128256, 8, 1)])
+def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
+    """The nk kernel lowers at Llama-3.1-8B's shapes for an H100 (int8 through the MMA's register operand, the
+    path the interpreter lacks), and quant_linear in the nk layout on a Hopper GPU sends 2-64 rows there, one
+    row to XLA's row reduction, and one row of an int8 LM head to the kernel."""
+    half = 64 if bits == 4 else None
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((n, k), jnp.int8)
+    s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
+    z = s if bits == 4 else None
+    monkeypatch.setattr(quant_matmul, "_is_hopper", lambda backend: True)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        layer = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, half, jnp.bfloat16, "pallas-gpu", nk=True)
+                        ).trace(x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
+    kernel = m > 1 or (bits == 8 and n > quant_matmul.ROW_MAX_N)
+    assert ("quant_matmul_hopper_nk" in layer) == kernel
+    assert ("_reg" in layer) == (kernel and bits == 8)

@@ -21,7 +21,7 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.config import ConfigError
 from jaxllm.models.layers import QuantDense, project_many
 from pallas_kernels import quant_matmul
-from pallas_kernels.quant_matmul import dequantize, pack_half
+from pallas_kernels.quant_matmul import dequantize, pack_half, to_nk
 from tests.gguf_writer import write_gguf
 from tests.test_engine import mixed_prompts
 
@@ -111,6 +111,38 @@ def test_bad_quantization_is_a_clear_error(tiny_model, value, message):
     path, _ = tiny_model("llama2")
     with pytest.raises(ConfigError, match=message):
         LLM(str(path), quantization=value, **KNOBS)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_nk_layout_is_the_same_model(tiny_model, kind):
+    """quant_layout="nk" (what one Hopper GPU gets): each quantized kernel holds the [in, out] layout's integers
+    transposed (reference.to_nk), the scales as they are, and generation gives the same tokens and logprobs
+    (one row through XLA's row reduction, several through the dequantized dot)."""
+    path, _ = tiny_model("llama3.1")
+    kn, nk = (LLM(str(path), quantization=kind, quant_layout=layout, **KNOBS) for layout in ("kn", "nk"))
+    assert (kn.model.config.quant_layout, nk.model.config.quant_layout) == ("kn", "nk")
+    pairs = [(layer(kn.model.params, 1, name), layer(nk.model.params, 1, name), kind) for name in PROJECTIONS]
+    for a, b, bits in pairs + [(kn.model.params["lm_head"], nk.model.params["lm_head"], "int8")]:
+        np.testing.assert_array_equal(a["scale"], b["scale"])
+        groups, *out = a["scale"].shape
+        half = pack_half(out[-1]) if bits == "int4" else None
+        want, _ = to_nk(a["kernel"].reshape(-1, int(np.prod(out)) // (2 if half else 1)), half, groups)
+        assert b["kernel"].shape == (*out, want.shape[1])
+        np.testing.assert_array_equal(b["kernel"].reshape(want.shape), want)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0, logprobs=0)
+    one = [{"prompt_token_ids": [5, 9, 12, 40, 7]}]  # decodes as one row
+    for prompts in (one, [{"prompt_token_ids": p} for p in mixed_prompts(4, seed=2)]):
+        for x, y in zip(kn.generate(prompts, params, use_tqdm=False), nk.generate(prompts, params, use_tqdm=False)):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids
+            got = [next(iter(lp.values())).logprob for lp in y.outputs[0].logprobs]
+            want = [next(iter(lp.values())).logprob for lp in x.outputs[0].logprobs]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_bad_quant_layout_is_a_clear_error(tiny_model):
+    path, _ = tiny_model("llama3.1")
+    with pytest.raises(ConfigError, match="quant_layout must be 'auto' or one of kn, nk"):
+        LLM(str(path), quantization="int8", quant_layout="mn", **KNOBS)
 
 
 @pytest.mark.parametrize("kind", ["int4"])  # int8 through the kernel: tests/test_quant_matmul.py's dispatch test

@@ -15,7 +15,7 @@ from jaxllm.config import ARCHITECTURES, ConfigError, ModelConfig
 from jaxllm.models.gemma import GemmaForCausalLM
 from jaxllm.models.layers import CausalLM
 from jaxllm.models.llama import LlamaForCausalLM
-from pallas_kernels.quant_matmul import pack_half, quantize
+from pallas_kernels.quant_matmul import pack_half, quantize, to_nk
 
 FAMILIES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gemma": GemmaForCausalLM}
 
@@ -62,12 +62,13 @@ def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(make, abstract, shardings)
 
 
-def quantize_params(params: dict, abstract: dict, shardings) -> dict:
+def quantize_params(params: dict, abstract: dict, shardings, nk: bool = False) -> dict:
     """The `params` of a model as the quantized model's tree `abstract` (unboxed) holds them: each int8 or int4
     kernel `[*in, *out]` still in floats quantized with its scale (and zero) `[groups, *out]` by
     pallas_kernels.quant_matmul.quantize; an int8 LM head missing from `params` (tied embeddings) made from the
-    embedding, transposed; every other leaf (already-quantized kernels included) as it is. Runs on the
-    devices, one leaf at a time, placed by `shardings`."""
+    embedding, transposed; with `nk` every quantized kernel (already-quantized ones included) transposed to the
+    nk layout (reference.to_nk); every other leaf as it is. Runs on the devices, one leaf at a time, placed by
+    `shardings`."""
     flat_params = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     out = {}
     jitted: dict = {}
@@ -79,13 +80,18 @@ def quantize_params(params: dict, abstract: dict, shardings) -> dict:
         value = flat_params.get(path)
         if value is None and keys == ("lm_head", "kernel"):
             value = params["embed_tokens"]["embedding"].T
-        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint8) and value.dtype != leaf.dtype:
+        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint8) and (value.dtype != leaf.dtype or nk):
             made = [keys, keys[:-1] + ("scale",)] + ([keys[:-1] + ("zero",)] if leaf.dtype == jnp.uint8 else [])
             shapes = tuple(_at(abstract, k).shape for k in made)
+            quantized = value.dtype == leaf.dtype
             cache_key = (value.shape, value.dtype, shapes, tuple(_at(shardings, k) for k in made))
             if cache_key not in jitted:
-                fn = functools.partial(_quantize_leaf, bits=8 if leaf.dtype == jnp.int8 else 4, shapes=shapes)
-                jitted[cache_key] = jax.jit(fn, out_shardings=cache_key[3])
+                bits = 8 if leaf.dtype == jnp.int8 else 4
+                fn = functools.partial(_transpose_leaf, bits=bits, shapes=shapes) if quantized else \
+                    functools.partial(_quantize_leaf, bits=bits, shapes=shapes, nk=nk)
+                jitted[cache_key] = jax.jit(fn, out_shardings=cache_key[3][:1] if quantized else cache_key[3])
+            if quantized:  # its scale and zero stay as they are
+                made = made[:1]
             for k, v in zip(made, jitted[cache_key](value)):
                 out[k] = v
         else:
@@ -93,12 +99,23 @@ def quantize_params(params: dict, abstract: dict, shardings) -> dict:
     return jax.tree_util.tree_unflatten(treedef, [out[tuple(k.key for k in path)] for path, _ in leaves])
 
 
-def _quantize_leaf(w: jax.Array, bits: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[jax.Array, ...]:
+def _quantize_leaf(w: jax.Array, bits: int, shapes: tuple[tuple[int, ...], ...], nk: bool) -> tuple[jax.Array, ...]:
     """w [*in, *out] -> its stored kernel, scale (and zero) in `shapes`, quantized as a [K, N] matrix."""
     groups, *out = shapes[1]
     w2 = w.reshape(-1, math.prod(out))
-    made = quantize(w2, bits, groups, pack_half(out[-1]) if bits == 4 else None)
-    return tuple(x.reshape(shape) for x, shape in zip((m for m in made if m is not None), shapes))
+    half = pack_half(out[-1]) if bits == 4 else None
+    q, *rest = quantize(w2, bits, groups, half)
+    q = to_nk(q, half, groups)[0] if nk else q
+    return tuple(x.reshape(shape) for x, shape in zip((m for m in (q, *rest) if m is not None), shapes))
+
+
+def _transpose_leaf(w: jax.Array, bits: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[jax.Array]:
+    """An already-quantized kernel as loaders store it ([*in, *out], int4 packed along the last out dim) -> the
+    nk layout's kernel in shapes[0]."""
+    groups, *out = shapes[1]
+    half = pack_half(out[-1]) if bits == 4 else None
+    w2 = w.reshape(-1, math.prod(out) // (2 if half else 1))
+    return (to_nk(w2, half, groups)[0].reshape(shapes[0]),)
 
 
 def _at(tree, keys: tuple[str, ...]):

@@ -29,12 +29,14 @@ def _init(names: tuple[str, ...], init=nn.initializers.normal(0.02)):
 
 
 def dense(features, names: tuple[str, ...], use_bias: bool, dtype: Dtype, name: str, axis=-1,
-          quantization: str | None = None, group_size: int | None = None, backend: str = "xla") -> nn.Module:
+          quantization: str | None = None, group_size: int | None = None, backend: str = "xla",
+          nk: bool = False) -> nn.Module:
     """A linear layer whose kernel is `[*in_axes, *out_axes]` with logical axis `names` (int8 or int4 weights
-    with quantization="int8" / "int4"; `backend` picks their matmul, pallas_kernels.quant_matmul)."""
+    with quantization="int8" / "int4", transposed with `nk`; `backend` picks their matmul,
+    pallas_kernels.quant_matmul)."""
     if quantization in QUANT_BITS:
         return QuantDense(features, names, axis, use_bias, dtype, QUANT_BITS[quantization], group_size, backend,
-                          name=name)
+                          nk, name=name)
     n_out = len(features) if isinstance(features, tuple) else 1
     return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
                            kernel_init=_init(names), bias_init=_init(names[-n_out:], nn.initializers.zeros),
@@ -56,6 +58,7 @@ class QuantDense(nn.Module):
     """Weight-only quantized linear layer, stored as pallas_kernels.quant_matmul lays it out: kernel
     `[*in, *out]` in int8 (bits=8, symmetric) or two unsigned int4 per byte along the last output dim (bits=4,
     `[*in, *out[:-1], out[-1] // 2]`), a float32 scale (and, int4, zero) `[groups, *out]` per group of inputs.
+    With `nk` the kernel is `[*out, K]` (int4: `[*out, K // 2]`, packed along the flattened inputs K).
     The device holds one byte (half a byte) per weight; contracts the trailing `axis` dims of x."""
 
     features: int | tuple[int, ...]
@@ -66,6 +69,7 @@ class QuantDense(nn.Module):
     bits: int = 8
     group_size: int | None = None
     backend: str = "xla"
+    nk: bool = False
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -73,18 +77,23 @@ class QuantDense(nn.Module):
 
     @nn.compact
     def weights(self, in_shape: tuple[int, ...]) -> tuple[tuple, int | None, jax.Array | None]:
-        """The stored weights as 2-D (kernel [K, N] or [K, N // 2], scale [G, N], zero [G, N] or None), int4's
-        half, and the bias [*out] (None without)."""
+        """The stored weights as 2-D (kernel [K, N] or [K, N // 2], nk: [N, K] or [N, K // 2]; scale [G, N],
+        zero [G, N] or None), int4's half, and the bias [*out] (None without)."""
         out = self.out_shape
         n_in = len(in_shape)
         num_in, num_out = math.prod(in_shape), math.prod(out)
         groups = num_in // quant_group_size(num_in, self.bits, self.group_size)
         group_names = (None,) + self.names[n_in:]  # groups replicated: a layer may have one, and scales are small
-        if self.bits == 8:
+        names = self.names
+        if self.nk:  # K flattened: int4 packs along it in half-blocks of its groups
+            half = None if self.bits == 8 else pack_half(num_in // groups)
+            stored = ((*out, num_in // (2 if half else 1)), jnp.uint8 if half else jnp.int8)
+            names = (*self.names[n_in:], None)
+        elif self.bits == 8:
             half, stored = None, ((*in_shape, *out), jnp.int8)
         else:
             half, stored = pack_half(out[-1]), ((*in_shape, *out[:-1], out[-1] // 2), jnp.uint8)
-        kernel = self.param("kernel", _init(self.names, nn.initializers.zeros), *stored)
+        kernel = self.param("kernel", _init(names, nn.initializers.zeros), *stored)
         scale = self.param("scale", _init(group_names, nn.initializers.ones), (groups, *out), jnp.float32)
         zero = None
         if self.bits == 4:
@@ -93,7 +102,8 @@ class QuantDense(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", _init(self.names[n_in:], nn.initializers.zeros), out, self.dtype)
-        return (kernel.reshape(num_in, -1), scale.reshape(groups, num_out), zero), half, bias
+        kernel = kernel.reshape(num_out, -1) if self.nk else kernel.reshape(num_in, -1)
+        return (kernel, scale.reshape(groups, num_out), zero), half, bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return project_many([self], x)[0]
@@ -114,10 +124,11 @@ def project_many(layers: list[nn.Module], x: jax.Array) -> list[jax.Array]:
     stored = [layer.weights(in_shape) for layer in layers]
     backend = "sharded" if tensor_parallel() else layers[0].backend  # the quantized kernels have no sharded form
     x2 = x.reshape(-1, math.prod(in_shape))
+    many = functools.partial(quant_linear_many, dtype=layers[0].dtype, backend=backend, nk=layers[0].nk)
     if len({half for _, half, _ in stored}) == 1:
-        ys = quant_linear_many(x2, [mats for mats, _, _ in stored], stored[0][1], layers[0].dtype, backend)
+        ys = many(x2, [mats for mats, _, _ in stored], stored[0][1])
     else:  # int4 packed in different half-blocks: one call each
-        ys = [quant_linear_many(x2, [mats], half, layers[0].dtype, backend)[0] for mats, half, _ in stored]
+        ys = [many(x2, [mats], half)[0] for mats, half, _ in stored]
     return [layer.finish(y, lead, bias) for layer, y, (_, _, bias) in zip(layers, ys, stored)]
 
 
@@ -225,7 +236,7 @@ class Attention(nn.Module):
                  md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
         c = self.config
         proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
-                                 backend=self.backend)
+                                 backend=self.backend, nk=c.quant_layout == "nk")
         heads, kv_heads = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
         q, k, v = project_many([proj((c.num_heads, c.head_dim), heads, c.qkv_bias, name="q_proj"),
                                 proj((c.num_kv_heads, c.head_dim), kv_heads, c.qkv_bias, name="k_proj"),
@@ -260,7 +271,7 @@ class GatedMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
-                                 backend=self.backend)
+                                 backend=self.backend, nk=c.quant_layout == "nk")
         gate, up = project_many([proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj"),
                                  proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")], x)
         return proj(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)
@@ -301,7 +312,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one, self.dtype)
         if c.lm_head_int8 or not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), False, self.dtype, None,
-                                 quantization="int8" if c.lm_head_int8 else None, backend=self.backend)
+                                 quantization="int8" if c.lm_head_int8 else None, backend=self.backend,
+                                 nk=c.quant_layout == "nk")
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[KVPages],
                  md: AttentionMetadata, logits_indices: jax.Array | None = None

@@ -18,7 +18,8 @@ import jax
 from jax.sharding import Mesh
 
 from jaxllm.attention import resolve_backend
-from jaxllm.config import ConfigError, ModelConfig, ModelLoadError, check_dtype, check_quantization, resolve_dtype
+from jaxllm.config import (QUANT_LAYOUTS, ConfigError, ModelConfig, ModelLoadError, check_dtype, check_quantization,
+                           resolve_dtype)
 from jaxllm.models import CausalLM, abstract_params, build_model, dummy_params, quantize_params
 from jaxllm.sharding import check_tensor_parallel, make_mesh, param_shardings
 from jaxllm.tokenizer import generation_eos_ids, has_hf_tokenizer, load_hf_tokenizer, synthetic_tokenizer
@@ -59,13 +60,15 @@ LOAD_FORMATS = ("auto", "dummy")
 def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenizer: str | Path | None = None,
                mesh: Mesh | None = None, revision: str | None = None, attention_backend: str = "auto",
                load_format: str = "auto", quantization: str | None = None,
-               quantize_lm_head: bool = True) -> LoadedModel:
+               quantize_lm_head: bool = True, quant_layout: str = "auto") -> LoadedModel:
     """Resolve `model` (None = the embedded SmolLM2), build its Flax module and stream its weights onto `mesh`.
 
     quantization "int8" / "int4" stores the linear layers' weights quantized (models.quantize_params);
     "awq" (an AWQ checkpoint, also taken when None) and "gguf" (a GGUF file of Q4_0/Q4_1 or Q8_0 linear layers)
     keep the checkpoint's own quantized weights, as int4 / int8 in groups of its own size. With any of them the
     LM head goes to int8 too (a tied embedding gets an int8 copy), unless quantize_lm_head is False.
+    quant_layout "kn" / "nk" lays the quantized kernels out as stored or transposed (config.QUANT_LAYOUTS);
+    "auto" picks "nk" on one Hopper GPU with the Pallas kernels, where its matmuls are faster.
     load_format "dummy" reads only the config (a directory with just config.json will do) and makes random
     weights on the devices, for benchmarks; without a tokenizer there it gets a synthetic one of the
     model's vocabulary size.
@@ -94,11 +97,14 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     check_tensor_parallel(config, mesh.shape["model"])
     awq_group = awq_group_size(hf_config)  # None unless config.json describes an AWQ checkpoint
     quantization = _check_source_quantization(quantization, source, awq_group)
-    quantized = _quantized_config(config, quantization, gguf, awq_group, quantize_lm_head) if quantization else None
+    backend = resolve_backend(attention_backend, platform)
+    quantized = None
+    if quantization:
+        quantized = _quantized_config(config, quantization, gguf, awq_group, quantize_lm_head)
+        quantized = dataclasses.replace(quantized, quant_layout=_quant_layout(quant_layout, mesh, backend))
     keep = quantization in ("awq", "gguf") and load_format != "dummy"  # built quantized, reads them as stored
-    as_stored = dataclasses.replace(quantized, lm_head_int8=False) if keep else config
-    module = build_model(as_stored, resolve_dtype(dtype, config, platform),
-                         resolve_backend(attention_backend, platform))
+    as_stored = dataclasses.replace(quantized, lm_head_int8=False, quant_layout="kn") if keep else config
+    module = build_model(as_stored, resolve_dtype(dtype, config, platform), backend)
     abstract = abstract_params(module)
     shardings = param_shardings(abstract, mesh)
     if load_format == "dummy":
@@ -120,7 +126,8 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     if quantized is not None and quantized != as_stored:  # float weights (and the LM head) quantized on the devices
         module = build_model(quantized, module.dtype, module.backend)
         abstract = abstract_params(module)
-        params = quantize_params(params, nn.unbox(abstract), param_shardings(abstract, mesh))
+        params = quantize_params(params, nn.unbox(abstract), param_shardings(abstract, mesh),
+                                 nk=quantized.quant_layout == "nk")
     config = module.config
     if platform == "cpu" and config.quantization == "int4" and not quant_matmul_cpu.available():
         logger.warning("int4 weights on CPU without the C++ kernel decode slower than float32 (XLA dequantizes "
@@ -162,6 +169,21 @@ def _quantized_config(config: ModelConfig, quantization: str, gguf: GGUFModel | 
         layers = quantization
         group = BLOCK_SIZE if gguf is not None and quantization == "int4" else config.quant_group_size
     return dataclasses.replace(config, quantization=layers, quant_group_size=group, lm_head_int8=lm_head)
+
+
+def _quant_layout(asked: str, mesh: Mesh, backend: str) -> str:
+    """load_model's quant_layout: "auto" -> "nk" on one Hopper GPU (compute capability 9.0) with the Pallas
+    kernels (a one-row matmul reads W [N, K] faster there: benchmarks/RESULTS.md), "kn" elsewhere."""
+    if asked not in ("auto", *QUANT_LAYOUTS):
+        raise ConfigError(f"quant_layout must be 'auto' or one of {', '.join(QUANT_LAYOUTS)}, got {asked!r}")
+    if asked == "nk" and mesh.devices.size > 1:
+        raise ConfigError("quant_layout='nk' runs on one device (the tensor-parallel path reads [in, out]): "
+                          "pass quant_layout='auto' or 'kn'")
+    if asked != "auto":
+        return asked
+    device = mesh.devices.flat[0]
+    hopper = getattr(device, "compute_capability", "") == "9.0"
+    return "nk" if mesh.devices.size == 1 and backend == "pallas-gpu" and hopper else "kn"
 
 
 def _check_source_quantization(quantization: str | None, source: ModelSource, awq_group: int | None) -> str | None:

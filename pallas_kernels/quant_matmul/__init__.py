@@ -8,28 +8,35 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.quant_matmul import cpu, gpu, hopper
-from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, unpack_int4
+from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, to_nk, unpack_int4
+from pallas_kernels.quant_matmul.xla import row_matmul
 
 # The attention backends (jaxllm.attention.BACKENDS) whose platform runs the Pallas GPU kernel here, and
 # those that run the C++ kernel when the platform is a CPU ("sharded": tensor parallel, XLA only).
 KERNEL_BACKENDS = {"pallas-gpu": False, "pallas-interpret": True}  # -> interpret mode
 CPU_KERNEL_BACKENDS = ("reference", "xla")
 HOPPER_MIN_ROWS = 17  # int4 from here to 64 rows runs hopper.py's kernel on an H100/H200 (gemv_forms, 64 rows)
+ROW_MAX_ROWS = 1  # the nk layout's XLA row reduction (xla.py) reads W once per row of x
+ROW_MAX_N = 32768  # wider one-row int8 matmuls (LM heads) read faster through hopper.py's nk kernel (H200)
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
-                 dtype, backend: str) -> jax.Array:
+                 dtype, backend: str, nk: bool = False) -> jax.Array:
     """x [M, K] @ W [K, N] -> [M, N] in `dtype`, W stored as reference.py lays it out. Small M runs a kernel
     that reads W as stored: a Pallas kernel on a GPU backend (gpu.py; hopper.py for bf16 int4 at
     HOPPER_MIN_ROWS-64 rows on an H100/H200), the C++ one (cpu.py) on a CPU; otherwise int8
     with one scale per channel scales the product instead (on CPU through int8_dot_two_level), and the rest
-    XLA dequantizes to `dtype` inside the matmul's fusion."""
+    XLA dequantizes to `dtype` inside the matmul's fusion. The nk layout: one row through XLA's row reduction
+    (xla.py; int8 wider than ROW_MAX_N through hopper.py's nk kernel on an H100/H200), up to 64 through that
+    kernel, the rest as above."""
     m, k = x.shape
     groups, n = scale.shape
+    if nk:
+        return _quant_linear_nk(x, w, scale, zero, half, dtype, backend)
     bf16_int4 = w.dtype == jnp.uint8 and jnp.dtype(dtype) == jnp.bfloat16  # (the Hopper kernel computes in bf16)
     if (backend in KERNEL_BACKENDS and bf16_int4 and m >= HOPPER_MIN_ROWS and _is_hopper(backend)
             and hopper.supported(m, k, n, k // groups, half)):
-        return hopper.quant_matmul(x, w, scale, zero, half=half, stages=2,
+        return hopper.quant_matmul(x, w, scale, zero, half=half, stages=2, piped_scales=True,
                                    interpret=KERNEL_BACKENDS[backend]).astype(dtype)
     if backend in KERNEL_BACKENDS and gpu.supported(m, k, n, k // groups, half):
         return gpu.quant_matmul(x.astype(dtype), w, scale, zero, half=half,
@@ -44,20 +51,36 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype))
 
 
+def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
+                     dtype, backend: str) -> jax.Array:
+    m, k = x.shape
+    groups, n = scale.shape
+    kernel = (backend in KERNEL_BACKENDS and jnp.dtype(dtype) == jnp.bfloat16 and _is_hopper(backend)
+              and hopper.supported_nk(m, k, n, k // groups, half))
+    if m <= ROW_MAX_ROWS and not (kernel and n > ROW_MAX_N and w.dtype == jnp.int8):
+        return row_matmul(x, w, scale, zero, half).astype(dtype)
+    if kernel:
+        return hopper.quant_matmul_nk(x, w, scale, zero, half=half).astype(dtype)
+    if groups == 1 and zero is None:
+        return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (((1,), (1,)), ((), ()))) * scale.astype(dtype)
+    return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype, nk=True))
+
+
 def _is_hopper(backend: str) -> bool:
     """Whether the backend's device is an H100/H200 (interpret mode keeps to gpu.py: the Mosaic GPU
     interpreter is far slower; tests call hopper.py directly)."""
     return not KERNEL_BACKENDS[backend] and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
-def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, backend: str) -> list[jax.Array]:
+def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, backend: str,
+                      nk: bool = False) -> list[jax.Array]:
     """quant_linear of one x by several (w, scale, zero) (a layer's q/k/v, or gate/up): on a GPU backend one
     kernel call for all of them when they tile alike (gpu.quant_matmul_many), otherwise one call each."""
     m, k = x.shape
-    if backend in KERNEL_BACKENDS and len(mats) > 1 and gpu.supported_many(m, k, mats, half):
+    if backend in KERNEL_BACKENDS and len(mats) > 1 and not nk and gpu.supported_many(m, k, mats, half):
         outs = gpu.quant_matmul_many(x.astype(dtype), tuple(mats), half=half, interpret=KERNEL_BACKENDS[backend])
         return [y.astype(dtype) for y in outs]
-    return [quant_linear(x, w, scale, zero, half, dtype, backend) for w, scale, zero in mats]
+    return [quant_linear(x, w, scale, zero, half, dtype, backend, nk) for w, scale, zero in mats]
 
 
 def int8_dot_two_level(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -80,4 +103,4 @@ def int8_dot_two_level(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Arra
 
 
 __all__ = ["dequantize", "int8_dot_two_level", "pack_half", "pack_int4", "quant_linear", "quant_linear_many",
-           "quantize", "unpack_int4"]
+           "quantize", "row_matmul", "to_nk", "unpack_int4"]

@@ -13,6 +13,12 @@ which is where quant_linear uses it; at 1-8 rows the per-step conversion, store 
 
 Layouts as in reference.py; int4 only in half-blocks of 64 (a strip of 128 outputs is one [K, 64] byte
 column block), groups of a multiple of 64 rows.
+
+`quant_matmul_nk` takes the nk layout: a step's tile is [tile_n, tile_k] (int4: [tile_n, tile_k / 2] bytes,
+whose low and high nibbles are the step's two halves of K), already the MMA's [M, K] side. int8 can skip
+shared memory: the tile loads straight into the MMA's register-operand layout (`registers=True`, the
+WGMMA_UPCAST_2X layout), which Mosaic GPU's interpreter lacks, so tests interpret the shared-memory path and
+lower the other.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     """Same contract as reference.quant_matmul (float32 [M, N]) for M <= MAX_ROWS and supported shapes. x
     enters the MMA as bf16; int4 weights are dequantized to bf16 before it (int8's are exact in bf16).
     `piped_scales`: a step's group scales (and zeros) arrive by TMA with its weight tile instead of a load
-    from global memory in the step (not yet measured on a GPU; off by default)."""
+    from global memory in the step (H200, int4 at 64 rows with 2 stages: gate/up 47 against 55 us; quant_linear
+    runs it so)."""
     m, k = x.shape
     groups, n = scale.shape
     group = k // groups
@@ -140,4 +147,122 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
 
 
-__all__ = ["MAX_ROWS", "choose_params", "quant_matmul", "supported"]
+def supported_nk(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
+    """Whether quant_matmul_nk takes these shapes (int4: K packed in half-blocks of half a step)."""
+    if rows > MAX_ROWS or k % 128 or n % 64:
+        return False
+    if half is None:
+        return group == k or group % 64 == 0
+    return group % 64 == 0 and half == _tile_k(group) // 2
+
+
+def _tile_k(group: int) -> int:
+    return 128 if group % 128 == 0 else 64
+
+
+@functools.partial(jax.jit, static_argnames=("half", "tile_n", "stages", "splits", "registers", "piped_scales",
+                                             "interpret"))
+def quant_matmul_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
+                    half: int | None = None, tile_n: int = 64, stages: int = 4, splits: int | None = None,
+                    registers: bool | None = None, piped_scales: bool = True, interpret: bool = False) -> jax.Array:
+    """reference.quant_matmul(..., nk=True) (float32 [M, N]) for M <= MAX_ROWS and supported_nk shapes: x
+    [M, K] @ W with W stored [N, K] (int4 [N, K // 2]), scale (zero) [G, N]. `registers` (int8 only; default
+    on a GPU): the converted tile goes to the MMA from registers, with no bf16 copy in shared memory.
+    `piped_scales`: a step's group scales (and zeros) arrive by TMA with its tile (the [K, N] kernel's int4 at
+    8-64 rows: 12-24% faster that way on an H200)."""
+    m, k = x.shape
+    groups, n = scale.shape
+    group = k // groups
+    int4 = w.dtype == jnp.uint8
+    if not supported_nk(m, k, n, group, half if int4 else None) or n % tile_n:
+        raise ValueError(f"hopper.quant_matmul_nk does not take M={m}, K={k}, N={n}, group {group}, half {half}, "
+                         f"tile_n {tile_n}")
+    registers = (not int4 and not interpret) if registers is None else registers
+    if registers and (int4 or interpret):
+        raise ValueError("registers=True takes int8 weights on a GPU (the interpreter has no register-operand MMA)")
+    tile_k = _tile_k(group)
+    splits = splits or split_k(k // tile_k, n // tile_n)
+    steps = k // (tile_k * splits)
+    if steps * tile_k * splits != k:
+        raise ValueError(f"splits {splits} must divide the {k // tile_k} steps of {tile_k} along K")
+    per_group = int4 or groups > 1
+    piped = piped_scales and per_group
+    rows = max(8, 1 << (m - 1).bit_length())
+    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0)))
+    parts = 2 if int4 else 1  # int4: the low nibbles are K [0, tile_k / 2) of the step, the high ones the rest
+    width = tile_k // parts  # K per MMA
+    w_cols = tile_k // 2 if int4 else tile_k
+    w_transforms = (plgpu.TilingTransform((8, w_cols)), plgpu.SwizzleTransform(min(128, w_cols))) if registers else ()
+    vector = plgpu.Layout.WGMMA.reduce(1)  # one value per output row of the tile
+    bf16_tiles = (plgpu.TilingTransform((8, min(64, width))), plgpu.SwizzleTransform(2 * min(64, width)))
+
+    def kernel(x_gmem, w_gmem, s_gmem, *refs):
+        z_gmem = refs[0] if zero is not None else None
+        o_gmem, *wb_smems = refs[len(refs) - 1 - (0 if registers else parts):]
+        j, split = jax.lax.axis_index("strip"), jax.lax.axis_index("split")
+        cols = pl.ds(j * tile_n, tile_n)
+        gmem_groups = [r for r in (s_gmem, z_gmem) if r is not None]
+        group_refs = gmem_groups if piped else []
+
+        def group_of(ki):
+            return (split * steps + ki) * tile_k // group
+
+        def accumulate(acc):
+            def step(idx, w_smem, *smems):
+                x_smems, group_smems = smems[:parts], smems[parts:]
+                g = group_of(idx[0])
+                if registers:
+                    q = plgpu.layout_cast(plgpu.load(w_smem, layout=plgpu.Layout.WGMMA_UPCAST_2X),
+                                          plgpu.Layout.WGMMA)
+                else:
+                    q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False)
+                q = q.astype(jnp.int32) if int4 else q  # (shifts need 16 or 32 bits)
+                if per_group:  # the step's group: its scale (and zero) per output row, broadcast along K
+                    at = [r.at[0] for r in group_smems] if piped else [r.at[g, cols] for r in gmem_groups]
+                    s, *z = [jax.lax.broadcast_in_dim(plgpu.load(a, layout=vector, optimized=False), q.shape, (0,))
+                             for a in at]
+                    z = z[0] if z else None
+                operands = []
+                for i in range(parts):
+                    part = (q & 15 if i == 0 else q >> 4) if int4 else q
+                    if per_group:
+                        part = part.astype(jnp.float32) * s if z is None else part.astype(jnp.float32) * s + z
+                    operands.append(part.astype(jnp.bfloat16))
+                if not registers:
+                    for wb, a in zip(wb_smems, operands):
+                        wb[...] = a
+                    plgpu.commit_smem()
+                    operands = wb_smems
+                for a, x_smem in zip(operands, x_smems):
+                    plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, width] @ [width, rows]
+                plgpu.wgmma_wait(0)
+
+            x_specs = [plgpu.BlockSpec((rows, width), lambda ki, i=i: (0, (split * steps + ki) * parts + i),
+                                       transforms=bf16_tiles) for i in range(parts)]
+            group_specs = [plgpu.BlockSpec((1, tile_n), lambda ki: (group_of(ki), j))] * len(group_refs)
+            plgpu.emit_pipeline(
+                step, grid=(steps,),
+                in_specs=[plgpu.BlockSpec((tile_n, w_cols), lambda ki: (j, split * steps + ki),
+                                          transforms=w_transforms), *x_specs, *group_specs],
+                max_concurrent_steps=stages)(w_gmem, *[x_gmem] * parts, *group_refs)
+            return acc[...]
+
+        res = pl.run_scoped(accumulate, plgpu.ACC((tile_n, rows), jnp.float32))  # outputs down, x's rows across
+        if not per_group:
+            res = res * jax.lax.broadcast_in_dim(plgpu.load(s_gmem.at[0, cols], layout=vector, optimized=False),
+                                                 res.shape, (0,))
+        o_gmem[pl.ds(split * n + j * tile_n, tile_n), :] = res
+
+    args = [xp, w, scale.astype(jnp.float32)] + ([] if zero is None else [zero.astype(jnp.float32)])
+    scratch = [] if registers else [plgpu.SMEM((tile_n, width), jnp.bfloat16, transforms=bf16_tiles)
+                                    for _ in range(parts)]
+    partial = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32), scratch_types=scratch,
+        grid=(n // tile_n, splits), grid_names=("strip", "split"),
+        compiler_params=plgpu.CompilerParams(approx_math=False),
+        kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers,
+        interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
+    return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
+
+
+__all__ = ["MAX_ROWS", "choose_params", "quant_matmul", "quant_matmul_nk", "supported", "supported_nk"]

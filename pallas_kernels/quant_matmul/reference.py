@@ -11,6 +11,13 @@ int4 packs two values per byte along N, in half-blocks of `half` (H) columns: by
 q[k, 2bH + j] in its low nibble and q[k, 2bH + H + j] in its high nibble. A kernel's [rows, H] tile of bytes
 so unpacks into two contiguous [rows, H] blocks of output columns, with no shuffle. H = pack_half(the last
 output dim), so packing a [*in, *out] kernel along its last dim gives the same bytes as packing it flattened.
+
+The "nk" layout (`nk=True`; Hopper GPUs, where a one-row matmul reads each output's K contiguous) stores the
+same integers transposed, scales unchanged:
+
+    int8  q int8  [N, K]       w[k, n] = q[n, k] * scale[g, n]
+    int4  p uint8 [N, K // 2]  packed along K in half-blocks of H = pack_half(group): a byte's two values
+                               share a group
 """
 
 from __future__ import annotations
@@ -39,11 +46,21 @@ def unpack_int4(p: jax.Array, half: int) -> jax.Array:
     return jnp.concatenate([blocks & 15, blocks >> 4], axis=-2).reshape(*p.shape[:-1], 2 * p.shape[-1])
 
 
+def to_nk(w: jax.Array, half: int | None, groups: int) -> tuple[jax.Array, int | None]:
+    """A stored [K, N] weight (int8, or int4 packed with `half`) -> (the same integers in the nk layout, its
+    half): exact, for loaders that read [K, N]."""
+    if w.dtype != jnp.uint8:
+        return w.T, None
+    half_k = pack_half(w.shape[0] // groups)
+    return pack_int4(unpack_int4(w, half).T, half_k), half_k
+
+
 def dequantize(w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, half: int | None = None,
-               dtype=jnp.float32) -> jax.Array:
+               dtype=jnp.float32, nk: bool = False) -> jax.Array:
     """The float weight [K, N] in `dtype` from its stored form (int8 [K, N], or int4 packed [K, N // 2] with
-    its `half`)."""
+    its `half`; with `nk`, those transposed)."""
     q = unpack_int4(w, half) if w.dtype == jnp.uint8 else w
+    q = q.T if nk else q
     groups, n = scale.shape
     deq = q.reshape(groups, -1, n).astype(dtype) * scale.astype(dtype)[:, None]
     if zero is not None:
@@ -52,9 +69,9 @@ def dequantize(w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, ha
 
 
 def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
-                 half: int | None = None) -> jax.Array:
+                 half: int | None = None, nk: bool = False) -> jax.Array:
     """x [M, K] @ dequantize(w) -> [M, N] float32, computed in float32 throughout: the oracle."""
-    deq = dequantize(w, scale, zero, half, jnp.float32)
+    deq = dequantize(w, scale, zero, half, jnp.float32, nk)
     return jnp.dot(x.astype(jnp.float32), deq, precision=jax.lax.Precision.HIGHEST)
 
 

@@ -1,0 +1,40 @@
+"""A one-row quantized matmul in plain XLA over the nk layout (reference.py): a row reduction.
+
+At one row of x a linear layer is a read of its weights. With W stored [N, K] each output's K is contiguous,
+and x . W[n] is a sum along a row: XLA fuses the conversion into one row-reduction fusion, its best-tuned
+kind, which read int4 weights up to 1.4x faster than the Pallas kernels on an H200 (benchmarks/RESULTS.md).
+Each group's sum comes first and is scaled (and shifted by the zero times the group's sum of x) once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def row_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
+               half: int | None = None) -> jax.Array:
+    """x [M, K] @ W with W in the nk layout (int8 [N, K], or int4 [N, K // 2] packed along K with `half`),
+    scale (zero) [G, N] -> float32 [M, N]. Meant for M = 1: each row of x is another pass over W."""
+    return jnp.concatenate([_one_row(x[i], w, scale, zero, half) for i in range(x.shape[0])])
+
+
+def _one_row(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None) -> jax.Array:
+    """x [K] -> [1, N]. (Written without a rows axis: with one, XLA's reduction ran up to 1.6x slower on an
+    H200.)"""
+    groups, n = scale.shape
+    xs = x.astype(jnp.float32).reshape(groups, -1)  # [G, g]
+    if w.dtype == jnp.uint8:  # byte [n, b*2H + j]: low nibble is K offset b*2H + j, high b*2H + H + j
+        q = w.reshape(n, groups, -1, half)  # [N, G, g / 2H, H]
+        xh = xs.reshape(groups, -1, 2, half)  # [G, g / 2H, 2, H]
+        inner = jnp.sum((q & 15).astype(jnp.float32) * xh[:, :, 0] + (q >> 4).astype(jnp.float32) * xh[:, :, 1],
+                        axis=(2, 3))  # [N, G]
+    else:
+        inner = jnp.sum(w.reshape(n, groups, -1).astype(jnp.float32) * xs, axis=2)
+    out = inner * scale.T.astype(jnp.float32)
+    if zero is not None:
+        out = out + zero.T.astype(jnp.float32) * jnp.sum(xs, axis=1)
+    return jnp.sum(out, axis=1)[None]
+
+
+__all__ = ["row_matmul"]
