@@ -206,18 +206,29 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
             assert "quant_matmul" in triple.as_text()
 
 
-@pytest.mark.parametrize("m,k,n,bits,groups,knobs", [
-    (1, 256, 128, 8, 1, {}),   # int8, one scale per channel (applied to the result), K split across programs
-    (20, 256, 256, 4, 2, {}),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
-    (3, 256, 128, 4, 4, {}),   # int4 in groups of 64: steps of 64 rows
-    (2, 256, 128, 8, 4, {}),   # int8 in groups of 64: scaled per step, steps of 64 rows
-    (2, 512, 128, 4, 2, {"piped_scales": True}),  # scales and zeros by TMA with the weights
-    (3, 512, 256, 4, 2, {"piped_scales": True, "tile_k": 64, "splits": 2}),  # a group over two steps
+@pytest.mark.parametrize("m,k,n,bits,groups,nk,knobs", [
+    (1, 256, 128, 8, 1, False, {}),   # int8, one scale per channel (applied to the result), K split across programs
+    (20, 256, 256, 4, 2, False, {}),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
+    (3, 256, 128, 4, 4, False, {}),   # int4 in groups of 64: steps of 64 rows
+    (2, 256, 128, 8, 4, False, {}),   # int8 in groups of 64: scaled per step, steps of 64 rows
+    (2, 512, 128, 4, 2, False, {"piped_scales": True}),  # scales and zeros by TMA with the weights
+    (3, 512, 256, 4, 2, False, {"piped_scales": True, "tile_k": 64, "splits": 2}),  # a group over two steps
+    # The nk layout (its shared-memory path: the interpreter has no register-operand MMA):
+    (1, 256, 128, 8, 1, True, {}),    # int8, one scale per channel, K split across programs
+    (9, 256, 192, 8, 2, True, {"stages": 2}),  # int8 in groups of 128 (scales by TMA), rows padded to 16
+    (20, 512, 128, 4, 4, True, {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
+    (3, 256, 128, 4, 4, True, {"tile_n": 128, "piped_scales": False}),  # groups of 64: 32 K per MMA
 ])
-def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, knobs):
-    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=7 * m + k + n)
-    assert hopper.supported(m, k, n, k // groups, half)
-    got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True, **knobs)
+def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, nk, knobs):
+    """hopper.py's kernels in Mosaic GPU's interpreter (NaN-filled memory) on fresh inputs, against the oracle."""
+    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=7 * m + k + n + nk)
+    if nk:
+        wt, half_k = to_nk(q, half, groups)
+        assert hopper.supported_nk(m, k, n, k // groups, half_k)
+        got = hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, interpret=True, **knobs)
+    else:
+        assert hopper.supported(m, k, n, k // groups, half)
+        got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True, **knobs)
     want = reference.quant_matmul(x, q, scale, zero, half)
     assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
@@ -234,16 +245,23 @@ def test_hopper_kernel_rejects_what_it_cannot_tile():
         hopper.quant_matmul(x, q, scale, zero, half=half, tile_k=128, interpret=True)
 
 
+def abstract_layer(m: int, k: int, n: int, bits: int, groups: int, nk: bool = False) -> tuple:
+    """(x, w, scale, zero or None, half) as shapes for lowering: x bf16 [m, k], W stored [k, n] (or nk) with
+    int4 in half-blocks of 64."""
+    half = 64 if bits == 4 else None
+    stored = (n, k) if nk else (k, n)
+    w = jax.ShapeDtypeStruct((*stored[:-1], stored[-1] // 2), jnp.uint8) if half else jax.ShapeDtypeStruct(
+        stored, jnp.int8)
+    s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
+    return jax.ShapeDtypeStruct((m, k), jnp.bfloat16), w, s, s if half else None, half
+
+
 @pytest.mark.parametrize("m,k,n,bits,groups", [(64, 4096, 14336, 4, 32), (17, 14336, 4096, 4, 112),
                                                (1, 4096, 4096, 8, 1)])
 def test_hopper_kernel_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
     """Llama-3.1-8B's layer shapes lower through Mosaic GPU for an H100, and quant_linear sends int4 at
     HOPPER_MIN_ROWS-64 rows there on a Hopper GPU (the Triton kernel otherwise)."""
-    half = 64 if bits == 4 else None
-    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((k, n // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((k, n), jnp.int8)
-    s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
-    z = s if bits == 4 else None
+    x, w, s, z, half = abstract_layer(m, k, n, bits, groups)
     monkeypatch.setattr(quant_matmul, "_is_hopper", lambda backend: True)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
         kernel = jax.jit(lambda x, w, s, z: hopper.quant_matmul(x, w, s, z, half=half)).trace(
@@ -281,24 +299,6 @@ def test_row_matmul_matches_the_oracle(m, bits, groups):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
 
 
-@pytest.mark.parametrize("m,k,n,bits,groups,knobs", [
-    (1, 256, 128, 8, 1, {}),    # int8, one scale per channel (applied to the result), K split across programs
-    (9, 256, 192, 8, 2, {"stages": 2}),   # int8 in groups of 128: scaled per step, rows padded to 16
-    (20, 512, 128, 4, 4, {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
-    (3, 256, 128, 4, 4, {"tile_n": 128}),  # int4 in groups of 64: steps of 64, 32 K per MMA
-])
-def test_hopper_nk_kernel_matches_the_oracle(m, k, n, bits, groups, knobs):
-    """The nk kernel's shared-memory path in Mosaic GPU's interpreter (NaN-filled memory), fresh inputs."""
-    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=11 * m + k + n)
-    wt, half_k = to_nk(q, half, groups)
-    assert hopper.supported_nk(m, k, n, k // groups, half_k)
-    got = hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, interpret=True, **knobs)
-    want = reference.quant_matmul(x, q, scale, zero, half)
-    assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
-    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    assert err < 1e-2, err
-
-
 def test_hopper_nk_kernel_rejects_what_it_cannot_take():
     x, _, half, (q, scale, zero) = make(2, 256, 96, 4, 8, jnp.bfloat16, seed=3)  # groups of 32
     wt, half_k = to_nk(q, half, 8)
@@ -318,11 +318,7 @@ def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
     """The nk kernel lowers at Llama-3.1-8B's shapes for an H100 (int8 through the MMA's register operand, the
     path the interpreter lacks), and quant_linear in the nk layout on a Hopper GPU sends 2-64 rows there, one
     row to XLA's row reduction, and one row of an int8 LM head to the kernel."""
-    half = 64 if bits == 4 else None
-    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((n, k // 2), jnp.uint8) if bits == 4 else jax.ShapeDtypeStruct((n, k), jnp.int8)
-    s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
-    z = s if bits == 4 else None
+    x, w, s, z, half = abstract_layer(m, k, n, bits, groups, nk=True)
     monkeypatch.setattr(quant_matmul, "_is_hopper", lambda backend: True)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
         layer = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, half, jnp.bfloat16, "pallas-gpu", nk=True)
