@@ -145,6 +145,24 @@ def test_bad_quant_layout_is_a_clear_error(tiny_model):
         LLM(str(path), quantization="int8", quant_layout="mn", **KNOBS)
 
 
+@pytest.mark.parametrize("capability,devices,backend,group,want", [
+    ("9.0", 1, "pallas-gpu", None, "nk"), ("9.0", 1, "pallas-gpu", 128, "nk"),
+    ("9.0", 1, "pallas-gpu", 32, "kn"),  # GGUF's blocks: the nk kernel takes groups of 64 and more
+    ("8.0", 1, "pallas-gpu", None, "kn"), ("9.0", 2, "pallas-gpu", None, "kn"), ("9.0", 1, "xla", None, "kn")])
+def test_auto_quant_layout(capability, devices, backend, group, want):
+    """quant_layout="auto": transposed on one Hopper GPU with the Pallas kernels, as stored elsewhere."""
+    from types import SimpleNamespace
+
+    from jaxllm.weights import _quant_layout
+
+    mesh = SimpleNamespace(devices=np.array([SimpleNamespace(compute_capability=capability)] * devices))
+    assert _quant_layout("auto", mesh, backend, group) == want
+    assert _quant_layout("kn", mesh, backend, group) == "kn"
+    if devices > 1:
+        with pytest.raises(ConfigError, match="runs on one device"):
+            _quant_layout("nk", mesh, backend, group)
+
+
 @pytest.mark.parametrize("kind", ["int4"])  # int8 through the kernel: tests/test_quant_matmul.py's dispatch test
 def test_decode_through_the_gpu_kernel(tiny_model, kind, monkeypatch):
     """On a GPU backend, decode steps' matmuls run the Pallas quantized kernel (here interpreted on CPU): the

@@ -101,7 +101,8 @@ def load_model(model: str | Path | None = None, *, dtype: Any = "auto", tokenize
     quantized = None
     if quantization:
         quantized = _quantized_config(config, quantization, gguf, awq_group, quantize_lm_head)
-        quantized = dataclasses.replace(quantized, quant_layout=_quant_layout(quant_layout, mesh, backend))
+        layout = _quant_layout(quant_layout, mesh, backend, quantized.quant_group_size)
+        quantized = dataclasses.replace(quantized, quant_layout=layout)
     keep = quantization in ("awq", "gguf") and load_format != "dummy"  # built quantized, reads them as stored
     as_stored = dataclasses.replace(quantized, lm_head_int8=False, quant_layout="kn") if keep else config
     module = build_model(as_stored, resolve_dtype(dtype, config, platform), backend)
@@ -171,9 +172,10 @@ def _quantized_config(config: ModelConfig, quantization: str, gguf: GGUFModel | 
     return dataclasses.replace(config, quantization=layers, quant_group_size=group, lm_head_int8=lm_head)
 
 
-def _quant_layout(asked: str, mesh: Mesh, backend: str) -> str:
+def _quant_layout(asked: str, mesh: Mesh, backend: str, group_size: int | None) -> str:
     """load_model's quant_layout: "auto" -> "nk" on one Hopper GPU (compute capability 9.0) with the Pallas
-    kernels (a one-row matmul reads W [N, K] faster there: benchmarks/RESULTS.md), "kn" elsewhere."""
+    kernels (a one-row matmul reads W [N, K] faster there: benchmarks/RESULTS.md) for groups the nk kernel
+    takes (per channel or multiples of 64 inputs; GGUF's blocks of 32 keep gpu.py's kernel), "kn" elsewhere."""
     if asked not in ("auto", *QUANT_LAYOUTS):
         raise ConfigError(f"quant_layout must be 'auto' or one of {', '.join(QUANT_LAYOUTS)}, got {asked!r}")
     if asked == "nk" and mesh.devices.size > 1:
@@ -183,7 +185,8 @@ def _quant_layout(asked: str, mesh: Mesh, backend: str) -> str:
         return asked
     device = mesh.devices.flat[0]
     hopper = getattr(device, "compute_capability", "") == "9.0"
-    return "nk" if mesh.devices.size == 1 and backend == "pallas-gpu" and hopper else "kn"
+    grouped_alike = group_size is None or group_size % 64 == 0
+    return "nk" if mesh.devices.size == 1 and backend == "pallas-gpu" and hopper and grouped_alike else "kn"
 
 
 def _check_source_quantization(quantization: str | None, source: ModelSource, awq_group: int | None) -> str | None:
