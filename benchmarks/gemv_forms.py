@@ -18,6 +18,7 @@ as a jitted chain over > 1 GiB of distinct weight copies (quant_h100.chain_time:
   in that layout.
 - hopper_nk[...]: the Mosaic GPU kernel on the nk layout (hopper.quant_matmul_nk; int8 through the MMA's
   register operand unless `registers=False`).
+- hopper_gemv[...] (one row only): hopper.quant_gemv_nk, the same pipeline with CUDA-core FMAs instead of the MMA.
 
 GB/s counts the stored weight + scale (+ zero) bytes.
 """
@@ -90,6 +91,10 @@ def forms(bits: int, half: int | None, half_k: int | None, rows: int, k: int, n:
             label = "hopper_nk" + "".join(f" {a}={b}" for a, b in knobs.items())
             out[label] = (lambda x, q, s, z, kn=knobs: hopper.quant_matmul_nk(x, q, s, z, half=half_k, interpret=smoke,
                                                                                **kn), "n")
+        for knobs in [{}, {"stages": 2}, {"tile_n": 128}, {"stages": 8}] if rows == 1 else []:
+            label = "hopper_gemv" + "".join(f" {a}={b}" for a, b in knobs.items())
+            out[label] = (lambda x, q, s, z, kn=knobs: hopper.quant_gemv_nk(x, q, s, z, half=half_k, interpret=smoke,
+                                                                             **kn), "n")
     if hopper.supported(rows, k, n, group, half):
         base = hopper.choose_params(rows, k, n, group, half)
         for knobs in [{}, *HOPPER_KNOBS]:

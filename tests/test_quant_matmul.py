@@ -206,29 +206,33 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
             assert "quant_matmul" in triple.as_text()
 
 
-@pytest.mark.parametrize("m,k,n,bits,groups,nk,knobs", [
-    (1, 256, 128, 8, 1, False, {}),   # int8, one scale per channel (applied to the result), K split across programs
-    (20, 256, 256, 4, 2, False, {}),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
-    (3, 256, 128, 4, 4, False, {}),   # int4 in groups of 64: steps of 64 rows
-    (2, 256, 128, 8, 4, False, {}),   # int8 in groups of 64: scaled per step, steps of 64 rows
-    (2, 512, 128, 4, 2, False, {"piped_scales": True}),  # scales and zeros by TMA with the weights
-    (3, 512, 256, 4, 2, False, {"piped_scales": True, "tile_k": 64, "splits": 2}),  # a group over two steps
+@pytest.mark.parametrize("m,k,n,bits,groups,layout,knobs", [
+    (1, 256, 128, 8, 1, "kn", {}),   # int8, one scale per channel (applied to the result), K split across programs
+    (20, 256, 256, 4, 2, "kn", {}),  # int4 in groups of 128 with zeros, rows padded to 32, two strips of 128
+    (3, 256, 128, 4, 4, "kn", {}),   # int4 in groups of 64: steps of 64 rows
+    (2, 256, 128, 8, 4, "kn", {}),   # int8 in groups of 64: scaled per step, steps of 64 rows
+    (2, 512, 128, 4, 2, "kn", {"piped_scales": True}),  # scales and zeros by TMA with the weights
+    (3, 512, 256, 4, 2, "kn", {"piped_scales": True, "tile_k": 64, "splits": 2}),  # a group over two steps
     # The nk layout (its shared-memory path: the interpreter has no register-operand MMA):
-    (1, 256, 128, 8, 1, True, {}),    # int8, one scale per channel, K split across programs
-    (9, 256, 192, 8, 2, True, {"stages": 2}),  # int8 in groups of 128 (scales by TMA), rows padded to 16
-    (20, 512, 128, 4, 4, True, {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
-    (3, 256, 128, 4, 4, True, {"tile_n": 128, "piped_scales": False}),  # groups of 64: 32 K per MMA
+    (1, 256, 128, 8, 1, "nk", {}),    # int8, one scale per channel, K split across programs
+    (9, 256, 192, 8, 2, "nk", {"stages": 2}),  # int8 in groups of 128 (scales by TMA), rows padded to 16
+    (20, 512, 128, 4, 4, "nk", {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
+    (3, 256, 128, 4, 4, "nk", {"tile_n": 128, "piped_scales": False}),  # groups of 64: 32 K per MMA
+    # quant_gemv_nk: one row on the CUDA cores
+    (1, 512, 192, 8, 1, "gemv", {}), (1, 256, 128, 8, 2, "gemv", {"splits": 2}), (1, 512, 128, 4, 4, "gemv", {}),
+    (1, 256, 256, 4, 4, "gemv", {"tile_n": 128}),  # groups of 64
 ])
-def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, nk, knobs):
+def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, layout, knobs):
     """hopper.py's kernels in Mosaic GPU's interpreter (NaN-filled memory) on fresh inputs, against the oracle."""
-    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=7 * m + k + n + nk)
-    if nk:
-        wt, half_k = to_nk(q, half, groups)
-        assert hopper.supported_nk(m, k, n, k // groups, half_k)
-        got = hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, interpret=True, **knobs)
-    else:
+    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, jnp.bfloat16, seed=7 * m + k + n + len(layout))
+    if layout == "kn":
         assert hopper.supported(m, k, n, k // groups, half)
         got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True, **knobs)
+    else:
+        wt, half_k = to_nk(q, half, groups)
+        assert hopper.supported_nk(m, k, n, k // groups, half_k)
+        kernel = hopper.quant_matmul_nk if layout == "nk" else hopper.quant_gemv_nk
+        got = kernel(x, wt, scale, zero, half=half_k, interpret=True, **knobs)
     want = reference.quant_matmul(x, q, scale, zero, half)
     assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
@@ -323,6 +327,10 @@ def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
         layer = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, half, jnp.bfloat16, "pallas-gpu", nk=True)
                         ).trace(x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
+        if m == 1:  # the one-row CUDA-core candidate lowers too
+            gemv = jax.jit(lambda x, w, s, z: hopper.quant_gemv_nk(x, w, s, z, half=half)).trace(
+                x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
+            assert "quant_gemv_hopper_nk" in gemv
     kernel = m > 1 or (bits == 8 and n > quant_matmul.ROW_MAX_N)
     assert ("quant_matmul_hopper_nk" in layer) == kernel
     assert ("_reg" in layer) == (kernel and bits == 8)

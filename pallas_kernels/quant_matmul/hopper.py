@@ -265,4 +265,76 @@ def quant_matmul_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Arra
     return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
 
 
-__all__ = ["MAX_ROWS", "choose_params", "quant_matmul", "quant_matmul_nk", "supported", "supported_nk"]
+@functools.partial(jax.jit, static_argnames=("half", "tile_n", "stages", "splits", "interpret"))
+def quant_gemv_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
+                  half: int | None = None, tile_n: int = 64, stages: int = 4, splits: int | None = None,
+                  interpret: bool = False) -> jax.Array:
+    """quant_matmul_nk for one row on the CUDA cores (a candidate against XLA's row reduction, not yet measured
+    on a GPU): TMA streams [tile_n, tile_k] weight tiles; each step multiplies the converted tile by the step's
+    slice of x broadcast down its rows and sums along K into a [tile_n] partial, scaled once per group (and
+    shifted by the zero times the slice's sum of x). No MMA, no padding of x."""
+    m, k = x.shape
+    groups, n = scale.shape
+    group = k // groups
+    int4 = w.dtype == jnp.uint8
+    if m != 1 or not supported_nk(8, k, n, group, half if int4 else None) or n % tile_n:
+        raise ValueError(f"hopper.quant_gemv_nk does not take M={m}, K={k}, N={n}, group {group}, half {half}")
+    tile_k = _tile_k(group)
+    splits = splits or split_k(k // tile_k, n // tile_n)
+    steps = k // (tile_k * splits)
+    if steps * tile_k * splits != k:
+        raise ValueError(f"splits {splits} must divide the {k // tile_k} steps of {tile_k} along K")
+    per_group = int4 or groups > 1
+    parts = 2 if int4 else 1
+    width = tile_k // parts
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 7), (0, 0)))  # [8, K]: TMA moves rows of 8
+    rows_vector, cols_vector = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+
+    def kernel(x_gmem, w_gmem, s_gmem, *refs):
+        z_gmem, o_gmem = (refs[0], refs[1]) if zero is not None else (None, refs[0])
+        j, split = jax.lax.axis_index("strip"), jax.lax.axis_index("split")
+        cols = pl.ds(j * tile_n, tile_n)
+
+        def step(idx, w_smem, *rest):
+            *x_smems, carry = rest
+            q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.int32)
+            partial = None
+            xsum = 0.0
+            for i, x_smem in enumerate(x_smems):
+                part = ((q & 15) if i == 0 else (q >> 4)) if int4 else q
+                xs = plgpu.load(x_smem.at[0], layout=cols_vector, optimized=False)  # [width]
+                term = jnp.sum(part.astype(jnp.float32) * jax.lax.broadcast_in_dim(xs, part.shape, (1,)), axis=1)
+                partial = term if partial is None else partial + term
+                xsum = xsum + jnp.sum(xs)
+            if not per_group:
+                return carry + partial
+            g = (split * steps + idx[0]) * tile_k // group
+            out = partial * plgpu.load(s_gmem.at[g, cols], layout=rows_vector, optimized=False)
+            if z_gmem is not None:
+                out = out + xsum * plgpu.load(z_gmem.at[g, cols], layout=rows_vector, optimized=False)
+            return carry + out
+
+        x_specs = [plgpu.BlockSpec((8, width), lambda ki, i=i: (0, (split * steps + ki) * parts + i))
+                   for i in range(parts)]
+        acc = plgpu.emit_pipeline(
+            step, grid=(steps,),
+            in_specs=[plgpu.BlockSpec((tile_n, tile_k // parts), lambda ki: (j, split * steps + ki)), *x_specs],
+            max_concurrent_steps=stages,
+            init_carry=plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), rows_vector),
+        )(w_gmem, *[x_gmem] * parts)
+        if not per_group:
+            acc = acc * plgpu.load(s_gmem.at[0, cols], layout=rows_vector, optimized=False)
+        o_gmem[split, cols] = acc
+
+    args = [xp, w, scale.astype(jnp.float32)] + ([] if zero is None else [zero.astype(jnp.float32)])
+    partial = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+        grid=(n // tile_n, splits), grid_names=("strip", "split"),
+        compiler_params=plgpu.CompilerParams(approx_math=False),
+        kernel_name=f"quant_gemv_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}",
+        interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
+    return partial.sum(axis=0, keepdims=True)
+
+
+__all__ = ["MAX_ROWS", "choose_params", "quant_gemv_nk", "quant_matmul", "quant_matmul_nk", "supported",
+           "supported_nk"]
