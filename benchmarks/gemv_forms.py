@@ -16,9 +16,9 @@ as a jitted chain over > 1 GiB of distinct weight copies (quant_h100.chain_time:
   (factored per group, or every weight dequantized first).
 - nk_row (1-8 rows): the nk layout's row reduction in XLA (xla.row_matmul), what quant_linear runs at one row
   in that layout.
-- hopper_nk[...]: the Mosaic GPU kernel on the nk layout (hopper.quant_matmul_nk; int8 through the MMA's
+- hopper_nk[...]: the Mosaic GPU kernel on the nk layout (hopper_nk.quant_matmul; int8 through the MMA's
   register operand unless `registers=False`).
-- hopper_gemv[...] (one row only): hopper.quant_gemv_nk, the same pipeline with CUDA-core FMAs instead of the MMA.
+- hopper_gemv[...] (one row only): hopper_nk.quant_gemv, the same pipeline with CUDA-core FMAs instead of the MMA.
 
 GB/s counts the stored weight + scale (+ zero) bytes.
 """
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.quant_h100 import SHAPES, chain_time, run_header
-from pallas_kernels.quant_matmul import (gpu, hopper, pack_half, quant_linear, quantize, reference, row_matmul, to_nk,
-                                        unpack_int4)
+from pallas_kernels.quant_matmul import (gpu, hopper, hopper_nk, pack_half, quant_linear, quantize, reference,
+                                        row_matmul, to_nk, unpack_int4)
 
 ALL_SHAPES = {**SHAPES, "lm_head": (4096, 128256)}
 KNOBS = [{"num_splits": s} for s in (4, 8, 16, 32, 64)] + [
@@ -84,16 +84,16 @@ def forms(bits: int, half: int | None, half_k: int | None, rows: int, k: int, n:
         label = "kernel" + "".join(f" {a}={b}" for a, b in knobs.items())
         out[label] = (lambda x, q, s, z, kn=knobs: gpu.quant_matmul(x, q, s, z, half=half, interpret=smoke, **kn), "q")
     group = k if bits == 8 else 128
-    if hopper.supported_nk(rows, k, n, group, half_k):
+    if hopper_nk.supported(rows, k, n, group, half_k):
         for knobs in [{}, *HOPPER_NK_KNOBS]:
             if knobs.get("registers") is False and bits == 4:
                 continue  # (int4 always goes through shared memory)
             label = "hopper_nk" + "".join(f" {a}={b}" for a, b in knobs.items())
-            out[label] = (lambda x, q, s, z, kn=knobs: hopper.quant_matmul_nk(x, q, s, z, half=half_k, interpret=smoke,
+            out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_matmul(x, q, s, z, half=half_k, interpret=smoke,
                                                                                **kn), "n")
         for knobs in [{}, {"stages": 2}, {"tile_n": 128}, {"stages": 8}] if rows == 1 else []:
             label = "hopper_gemv" + "".join(f" {a}={b}" for a, b in knobs.items())
-            out[label] = (lambda x, q, s, z, kn=knobs: hopper.quant_gemv_nk(x, q, s, z, half=half_k, interpret=smoke,
+            out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_gemv(x, q, s, z, half=half_k, interpret=smoke,
                                                                              **kn), "n")
     if hopper.supported(rows, k, n, group, half):
         base = hopper.choose_params(rows, k, n, group, half)

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import pallas_kernels.quant_matmul as quant_matmul
-from pallas_kernels.quant_matmul import (cpu, gpu, hopper, int8_dot_two_level, pack_half, pack_int4, quant_linear,
-                                        quant_linear_many, quantize, reference, row_matmul, to_nk, unpack_int4)
+from pallas_kernels.quant_matmul import (cpu, gpu, hopper, hopper_nk, int8_dot_two_level, pack_half, pack_int4,
+                                        quant_linear, quant_linear_many, quantize, reference, row_matmul, to_nk,
+                                        unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -218,7 +219,7 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
     (9, 256, 192, 8, 2, "nk", {"stages": 2}),  # int8 in groups of 128 (scales by TMA), rows padded to 16
     (20, 512, 128, 4, 4, "nk", {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
     (3, 256, 128, 4, 4, "nk", {"tile_n": 128, "piped_scales": False}),  # groups of 64: 32 K per MMA
-    # quant_gemv_nk: one row on the CUDA cores
+    # hopper_nk.quant_gemv: one row on the CUDA cores
     (1, 512, 192, 8, 1, "gemv", {}), (1, 256, 128, 8, 2, "gemv", {"splits": 2}), (1, 512, 128, 4, 4, "gemv", {}),
     (1, 256, 256, 4, 4, "gemv", {"tile_n": 128}),  # groups of 64
 ])
@@ -230,8 +231,8 @@ def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, layout, knobs):
         got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True, **knobs)
     else:
         wt, half_k = to_nk(q, half, groups)
-        assert hopper.supported_nk(m, k, n, k // groups, half_k)
-        kernel = hopper.quant_matmul_nk if layout == "nk" else hopper.quant_gemv_nk
+        assert hopper_nk.supported(m, k, n, k // groups, half_k)
+        kernel = hopper_nk.quant_matmul if layout == "nk" else hopper_nk.quant_gemv
         got = kernel(x, wt, scale, zero, half=half_k, interpret=True, **knobs)
     want = reference.quant_matmul(x, q, scale, zero, half)
     assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
@@ -306,13 +307,13 @@ def test_row_matmul_matches_the_oracle(m, bits, groups):
 def test_hopper_nk_kernel_rejects_what_it_cannot_take():
     x, _, half, (q, scale, zero) = make(2, 256, 96, 4, 8, jnp.bfloat16, seed=3)  # groups of 32
     wt, half_k = to_nk(q, half, 8)
-    assert not hopper.supported_nk(2, 256, 96, 32, half_k) and not hopper.supported_nk(65, 256, 128, 256, None)
+    assert not hopper_nk.supported(2, 256, 96, 32, half_k) and not hopper_nk.supported(65, 256, 128, 256, None)
     with pytest.raises(ValueError, match="does not take"):
-        hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, interpret=True)
+        hopper_nk.quant_matmul(x, wt, scale, zero, half=half_k, interpret=True)
     x, _, half, (q, scale, zero) = make(2, 256, 128, 4, 2, jnp.bfloat16, seed=4)
     wt, half_k = to_nk(q, half, 2)
     with pytest.raises(ValueError, match="registers=True takes int8"):
-        hopper.quant_matmul_nk(x, wt, scale, zero, half=half_k, registers=True)
+        hopper_nk.quant_matmul(x, wt, scale, zero, half=half_k, registers=True)
 
 
 @pytest.mark.parametrize("m,k,n,bits,groups", [(8, 4096, 14336, 8, 1), (64, 14336, 4096, 8, 1),
@@ -328,7 +329,7 @@ def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
         layer = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, half, jnp.bfloat16, "pallas-gpu", nk=True)
                         ).trace(x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
         if m == 1:  # the one-row CUDA-core candidate lowers too
-            gemv = jax.jit(lambda x, w, s, z: hopper.quant_gemv_nk(x, w, s, z, half=half)).trace(
+            gemv = jax.jit(lambda x, w, s, z: hopper_nk.quant_gemv(x, w, s, z, half=half)).trace(
                 x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
             assert "quant_gemv_hopper_nk" in gemv
     kernel = m > 1 or (bits == 8 and n > quant_matmul.ROW_MAX_N)

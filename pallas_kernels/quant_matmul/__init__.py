@@ -1,13 +1,14 @@
 """Weight-only quantized matmul (int8, int4): the storage layouts and oracle (reference.py), the GPU kernels
-for decode-sized batches (gpu.py through Triton, hopper.py through Mosaic GPU), the CPU one (cpu.py), and
-`quant_linear`, which picks between the kernels and XLA per call shape."""
+for decode-sized batches (gpu.py through Triton, hopper.py and hopper_nk.py through Mosaic GPU), XLA's
+one-row form of the transposed layout (xla.py), the CPU kernel (cpu.py), and `quant_linear`, which picks
+between them and XLA's dot per call shape."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import cpu, gpu, hopper
+from pallas_kernels.quant_matmul import cpu, gpu, hopper, hopper_nk
 from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, to_nk, unpack_int4
 from pallas_kernels.quant_matmul.xla import row_matmul
 
@@ -17,7 +18,7 @@ KERNEL_BACKENDS = {"pallas-gpu": False, "pallas-interpret": True}  # -> interpre
 CPU_KERNEL_BACKENDS = ("reference", "xla")
 HOPPER_MIN_ROWS = 17  # int4 from here to 64 rows runs hopper.py's kernel on an H100/H200 (gemv_forms, 64 rows)
 ROW_MAX_ROWS = 1  # the nk layout's XLA row reduction (xla.py) reads W once per row of x
-ROW_MAX_N = 32768  # wider one-row int8 matmuls (LM heads) read faster through hopper.py's nk kernel (H200)
+ROW_MAX_N = 32768  # wider one-row int8 matmuls (LM heads) read faster through hopper_nk.py's kernel (H200)
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
@@ -27,7 +28,7 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     HOPPER_MIN_ROWS-64 rows on an H100/H200), the C++ one (cpu.py) on a CPU; otherwise int8
     with one scale per channel scales the product instead (on CPU through int8_dot_two_level), and the rest
     XLA dequantizes to `dtype` inside the matmul's fusion. The nk layout: one row through XLA's row reduction
-    (xla.py; int8 wider than ROW_MAX_N through hopper.py's nk kernel on an H100/H200), up to 64 through that
+    (xla.py; int8 wider than ROW_MAX_N through hopper_nk.py's kernel on an H100/H200), up to 64 through that
     kernel, the rest as above."""
     m, k = x.shape
     groups, n = scale.shape
@@ -56,11 +57,11 @@ def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Arr
     m, k = x.shape
     groups, n = scale.shape
     kernel = (backend in KERNEL_BACKENDS and jnp.dtype(dtype) == jnp.bfloat16 and _is_hopper(backend)
-              and hopper.supported_nk(m, k, n, k // groups, half))
+              and hopper_nk.supported(m, k, n, k // groups, half))
     if m <= ROW_MAX_ROWS and not (kernel and n > ROW_MAX_N and w.dtype == jnp.int8):
         return row_matmul(x, w, scale, zero, half).astype(dtype)
     if kernel:
-        return hopper.quant_matmul_nk(x, w, scale, zero, half=half).astype(dtype)
+        return hopper_nk.quant_matmul(x, w, scale, zero, half=half).astype(dtype)
     if groups == 1 and zero is None:
         return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (((1,), (1,)), ((), ()))) * scale.astype(dtype)
     return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype, nk=True))
