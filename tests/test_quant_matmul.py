@@ -220,8 +220,8 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
     (20, 512, 128, 4, 4, "nk", {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
     (3, 256, 128, 4, 4, "nk", {"tile_n": 128, "piped_scales": False}),  # groups of 64: 32 K per MMA
     # hopper_nk.quant_gemv: one row on the CUDA cores
-    (1, 512, 192, 8, 1, "gemv", {}), (1, 256, 128, 8, 2, "gemv", {"splits": 2}), (1, 512, 128, 4, 4, "gemv", {}),
-    (1, 256, 256, 4, 4, "gemv", {"tile_n": 128}),  # groups of 64
+    (1, 512, 192, 8, 1, "gemv", {}), (1, 256, 128, 8, 2, "gemv", {"splits": 2}),
+    (1, 256, 256, 4, 4, "gemv", {"tile_n": 128}),  # int4 in groups of 64
 ])
 def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, layout, knobs):
     """hopper.py's kernels in Mosaic GPU's interpreter (NaN-filled memory) on fresh inputs, against the oracle."""
@@ -278,7 +278,7 @@ def test_hopper_kernel_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
         assert ("quant_matmul_hopper" in layer) == hopper_rows and ("quant_matmul_int" in layer) != hopper_rows
 
 
-@pytest.mark.parametrize("k,n,bits,groups", [(256, 64, 8, 1), (256, 96, 8, 8), (256, 64, 4, 2), (256, 96, 4, 8)])
+@pytest.mark.parametrize("k,n,bits,groups", [(256, 64, 8, 1), (256, 96, 4, 8)])
 def test_nk_layout_holds_the_same_weights(k, n, bits, groups):
     """to_nk re-lays the stored integers exactly: the nk layout dequantizes to the same W, int4 packed along K
     in half-blocks of its group (a byte's two values share a scale)."""
@@ -290,7 +290,7 @@ def test_nk_layout_holds_the_same_weights(k, n, bits, groups):
                                   reference.dequantize(q, scale, zero, half))
 
 
-@pytest.mark.parametrize("m,bits,groups", [(1, 8, 1), (1, 8, 4), (1, 4, 2), (1, 4, 8), (3, 4, 2), (2, 8, 1)])
+@pytest.mark.parametrize("m,bits,groups", [(1, 8, 1), (1, 4, 2), (3, 4, 8), (2, 8, 4)])
 def test_row_matmul_matches_the_oracle(m, bits, groups):
     """The nk layout's one-row form in XLA (what quant_linear runs at one row there), and the layer's other
     nk paths (XLA's dot beyond one row) against the float32 oracle."""

@@ -113,7 +113,7 @@ def test_bad_quantization_is_a_clear_error(tiny_model, value, message):
         LLM(str(path), quantization=value, **KNOBS)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int4"])  # its LM head is int8: both kinds
 def test_nk_layout_is_the_same_model(tiny_model, kind):
     """quant_layout="nk" (what one Hopper GPU gets): each quantized kernel holds the [in, out] layout's integers
     transposed (reference.to_nk), the scales as they are, and generation gives the same tokens and logprobs
