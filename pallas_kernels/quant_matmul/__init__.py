@@ -42,14 +42,9 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     if backend in KERNEL_BACKENDS and gpu.supported(m, k, n, k // groups, half):
         return gpu.quant_matmul(x.astype(dtype), w, scale, zero, half=half,
                                 interpret=KERNEL_BACKENDS[backend]).astype(dtype)
-    on_cpu = jax.default_backend() == "cpu"
-    if backend in CPU_KERNEL_BACKENDS and on_cpu and m <= cpu.MAX_ROWS and cpu.available():
+    if backend in CPU_KERNEL_BACKENDS and jax.default_backend() == "cpu" and m <= cpu.MAX_ROWS and cpu.available():
         return cpu.quant_matmul(x, w, scale, zero, half).astype(dtype)
-    if groups == 1 and zero is None:
-        if on_cpu:
-            return int8_dot_two_level(x, w, scale).astype(dtype)
-        return jnp.dot(x.astype(dtype), w.astype(dtype)) * scale.astype(dtype)
-    return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype))
+    return _xla_matmul(x, w, scale, zero, half, dtype)
 
 
 def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
@@ -62,9 +57,19 @@ def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Arr
         return row_matmul(x, w, scale, zero, half).astype(dtype)
     if kernel:
         return hopper_nk.quant_matmul(x, w, scale, zero, half=half).astype(dtype)
-    if groups == 1 and zero is None:
-        return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (((1,), (1,)), ((), ()))) * scale.astype(dtype)
-    return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype, nk=True))
+    return _xla_matmul(x, w, scale, zero, half, dtype, nk=True)
+
+
+def _xla_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None, dtype,
+                nk: bool = False) -> jax.Array:
+    """XLA's own paths: int8 with one scale per channel scales the product (on a CPU, [K, N], through
+    int8_dot_two_level); the rest dequantizes W to `dtype` inside the matmul's fusion."""
+    if scale.shape[0] == 1 and zero is None:
+        if jax.default_backend() == "cpu" and not nk:
+            return int8_dot_two_level(x, w, scale).astype(dtype)
+        dims = (((1,), (1 if nk else 0,)), ((), ()))
+        return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dims) * scale.astype(dtype)
+    return jnp.dot(x.astype(dtype), dequantize(w, scale, zero, half, dtype, nk))
 
 
 def _is_hopper(backend: str) -> bool:
