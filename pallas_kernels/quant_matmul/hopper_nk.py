@@ -56,8 +56,8 @@ def _steps(name: str, m: int, k: int, n: int, group: int, half: int | None, tile
 @functools.partial(jax.jit, static_argnames=("half", "tile_n", "stages", "splits", "registers", "piped_scales",
                                              "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
-                    half: int | None = None, tile_n: int = 64, stages: int = 4, splits: int | None = None,
-                    registers: bool | None = None, piped_scales: bool = True, interpret: bool = False) -> jax.Array:
+                 half: int | None = None, tile_n: int = 64, stages: int = 4, splits: int | None = None,
+                 registers: bool | None = None, piped_scales: bool = True, interpret: bool = False) -> jax.Array:
     """reference.quant_matmul(..., nk=True) (float32 [M, N]) for M <= MAX_ROWS and supported shapes: x
     [M, K] @ W with W stored [N, K] (int4 [N, K // 2]), scale (zero) [G, N]. `registers` (int8 only; default
     on a GPU): the converted tile goes to the MMA from registers, with no bf16 copy in shared memory.
@@ -153,8 +153,8 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
 
 @functools.partial(jax.jit, static_argnames=("half", "tile_n", "stages", "splits", "interpret"))
 def quant_gemv(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
-                  half: int | None = None, tile_n: int = 64, stages: int = 4, splits: int | None = None,
-                  interpret: bool = False) -> jax.Array:
+               half: int | None = None, tile_n: int = 64, stages: int = 4, splits: int | None = None,
+               interpret: bool = False) -> jax.Array:
     """quant_matmul for one row on the CUDA cores (a candidate against XLA's row reduction, not yet measured
     on a GPU): TMA streams [tile_n, tile_k] weight tiles; each step multiplies the converted tile by the step's
     slice of x broadcast down its rows and sums along K into a [tile_n] partial, scaled once per group (and
