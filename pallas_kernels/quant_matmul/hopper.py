@@ -45,8 +45,13 @@ def choose_params(rows: int, k: int, n: int, group: int, half: int | None, num_c
     """Tiles from the shapes: strips of 64 outputs (int4: 128, one packed column block), steps of 128 rows
     (groups of 64: 64), four tiles in flight, K split until the grid has ~2 programs per SM."""
     tile_n = 64 if half is None else 128
-    tile_k = 128 if group % 128 == 0 else 64
+    tile_k = group_step(group)
     return {"tile_n": tile_n, "tile_k": tile_k, "stages": 4, "splits": split_k(k // tile_k, n // tile_n, num_cores)}
+
+
+def group_step(group: int) -> int:
+    """Rows of W per pipeline step: 128, or 64 for groups of 64 (a step holds at most one group's scales)."""
+    return 128 if group % 128 == 0 else 64
 
 
 @functools.partial(jax.jit, static_argnames=("half", "tile_n", "tile_k", "stages", "splits", "piped_scales",
@@ -143,4 +148,4 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
 
 
-__all__ = ["MAX_ROWS", "choose_params", "quant_matmul", "supported"]
+__all__ = ["MAX_ROWS", "choose_params", "group_step", "quant_matmul", "supported"]

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.quant_matmul.gpu import split_k
-from pallas_kernels.quant_matmul.hopper import MAX_ROWS
+from pallas_kernels.quant_matmul.hopper import MAX_ROWS, group_step
 
 
 def supported(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
@@ -32,11 +32,7 @@ def supported(rows: int, k: int, n: int, group: int, half: int | None) -> bool:
         return False
     if half is None:
         return group == k or group % 64 == 0
-    return group % 64 == 0 and half == _tile_k(group) // 2
-
-
-def _tile_k(group: int) -> int:
-    return 128 if group % 128 == 0 else 64
+    return group % 64 == 0 and half == group_step(group) // 2
 
 
 def _steps(name: str, m: int, k: int, n: int, group: int, half: int | None, tile_n: int,
@@ -45,7 +41,7 @@ def _steps(name: str, m: int, k: int, n: int, group: int, half: int | None, tile
     if not supported(m, k, n, group, half) or n % tile_n:
         raise ValueError(f"hopper_nk.{name} does not take M={m}, K={k}, N={n}, group {group}, half {half}, "
                          f"tile_n {tile_n}")
-    tile_k = _tile_k(group)
+    tile_k = group_step(group)
     splits = splits or split_k(k // tile_k, n // tile_n)
     steps = k // (tile_k * splits)
     if steps * tile_k * splits != k:
