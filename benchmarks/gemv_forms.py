@@ -16,9 +16,8 @@ as a jitted chain over > 1 GiB of distinct weight copies (quant_h100.chain_time:
   (factored per group, or every weight dequantized first).
 - nk_row (1-8 rows): the nk layout's row reduction in XLA (xla.row_matmul), what quant_linear runs at one row
   in that layout.
-- hopper_nk[...]: the Mosaic GPU kernel on the nk layout (hopper_nk.quant_matmul; int8 through the MMA's
-  register operand unless `registers=False`).
-- hopper_gemv[...] (one row only): hopper_nk.quant_gemv, the same pipeline with CUDA-core FMAs instead of the MMA.
+- hopper_nk[...]: the Mosaic GPU kernel on the nk layout (hopper_nk.quant_matmul: the tile converted in
+  registers, int4 from jnp.int4 q - 8, into the MMA's register operand).
 
 GB/s counts the stored weight + scale (+ zero) bytes.
 """
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 from benchmarks.quant_h100 import SHAPES, chain_time, run_header
 from pallas_kernels.quant_matmul import (gpu, hopper, hopper_nk, pack_half, quant_linear, quantize, reference,
                                         row_matmul, to_nk, unpack_int4)
+from pallas_kernels.quant_matmul.gpu import split_k
 
 ALL_SHAPES = {**SHAPES, "lm_head": (4096, 128256)}
 KNOBS = [{"num_splits": s} for s in (4, 8, 16, 32, 64)] + [
@@ -48,7 +48,8 @@ KNOBS = [{"num_splits": s} for s in (4, 8, 16, 32, 64)] + [
     {"body": "gemv", "block_k": 64, "block_n": 512, "num_warps": 8}]
 HOPPER_KNOBS = [{"stages": 2}, {"stages": 6}, {"splits": "half"}, {"splits": "double"}, {"piped_scales": True},
                 {"piped_scales": True, "stages": 2}]
-HOPPER_NK_KNOBS = [{"registers": False}, {"stages": 2}, {"tile_n": 128}, {"piped_scales": False}]
+HOPPER_NK_KNOBS = [{"stages": 2}, {"stages": 8}, {"tile_n": 64}, {"tile_n": 128}, {"piped_scales": False},
+                   {"splits": "x2"}]
 
 
 def matvec_reduce(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
@@ -71,7 +72,7 @@ def matvec_reduce(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array 
     return jnp.sum(out, axis=0, keepdims=True)
 
 
-def forms(bits: int, half: int | None, half_k: int | None, rows: int, k: int, n: int, smoke: bool) -> dict:
+def forms(bits: int, half: int | None, rows: int, k: int, n: int, smoke: bool) -> dict:
     """label -> (fn(x, *weights), which copies it reads: "q" stored, "n" the nk layout, "d" bf16)."""
     out = {"bf16": (lambda x, d: jnp.dot(x, d), "d"),
            "xla_dot": (lambda x, q, s, z: quant_linear(x, q, s, z, half, jnp.bfloat16, "xla"), "q")}
@@ -79,22 +80,16 @@ def forms(bits: int, half: int | None, half_k: int | None, rows: int, k: int, n:
         out.update({"col": (lambda x, q, s, z: matvec_reduce(x, q, s, z, half), "q"),
                     "col_direct": (lambda x, q, s, z: matvec_reduce(x, q, s, z, half, factored=False), "q")})
     if rows <= 8:
-        out["nk_row"] = (lambda x, q, s, z: row_matmul(x, q, s, z, half_k), "n")
+        out["nk_row"] = (lambda x, q, s, z: row_matmul(x, q, s, z), "n")
     for knobs in [{}, *KNOBS]:
         label = "kernel" + "".join(f" {a}={b}" for a, b in knobs.items())
         out[label] = (lambda x, q, s, z, kn=knobs: gpu.quant_matmul(x, q, s, z, half=half, interpret=smoke, **kn), "q")
     group = k if bits == 8 else 128
-    if hopper_nk.supported(rows, k, n, group, half_k):
+    if hopper_nk.supported(rows, k, n, group):
         for knobs in [{}, *HOPPER_NK_KNOBS]:
-            if knobs.get("registers") is False and bits == 4:
-                continue  # (int4 always goes through shared memory)
+            knobs = _splits(knobs, k, n, group)
             label = "hopper_nk" + "".join(f" {a}={b}" for a, b in knobs.items())
-            out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_matmul(x, q, s, z, half=half_k, interpret=smoke,
-                                                                               **kn), "n")
-        for knobs in [{}, {"stages": 2}, {"tile_n": 128}, {"stages": 8}] if rows == 1 else []:
-            label = "hopper_gemv" + "".join(f" {a}={b}" for a, b in knobs.items())
-            out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_gemv(x, q, s, z, half=half_k, interpret=smoke,
-                                                                             **kn), "n")
+            out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_matmul(x, q, s, z, interpret=smoke, **kn), "n")
     if hopper.supported(rows, k, n, group, half):
         base = hopper.choose_params(rows, k, n, group, half)
         for knobs in [{}, *HOPPER_KNOBS]:
@@ -105,6 +100,21 @@ def forms(bits: int, half: int | None, half_k: int | None, rows: int, k: int, n:
             out[label] = (lambda x, q, s, z, kn=kn: hopper.quant_matmul(x, q, s, z, half=half, interpret=smoke,
                                                                         **kn), "q")
     return out
+
+
+def _splits(knobs: dict, k: int, n: int, group: int) -> dict:
+    """knobs with splits "xF" resolved for hopper_nk: F times its default K split (a divisor of its steps)."""
+    if not str(knobs.get("splits", "")).startswith("x"):
+        return knobs
+    steps = k // hopper.group_step(group)
+    tile_n = knobs.get("tile_n", hopper_nk.choose_tile_n(k, n, group < k))
+    want = int(knobs["splits"][1:]) * split_k(steps, n // tile_n)
+    return {**knobs, "splits": max(d for d in range(1, steps + 1) if steps % d == 0 and d <= want)}
+
+
+def _fresh(a: jax.Array | None) -> jax.Array | None:
+    """A distinct copy on the device (so that a chain's calls read different bytes)."""
+    return None if a is None else jnp.array(a, copy=True)
 
 
 def run(args: argparse.Namespace, bw: float) -> list[dict]:
@@ -123,16 +133,15 @@ def run(args: argparse.Namespace, bw: float) -> list[dict]:
             group = k if bits == 8 else 128
             half = pack_half(n) if bits == 4 else None
             stored = quantize(w, bits, k // group, half)
-            wt, half_k = to_nk(stored[0], half, k // group)
-            nstored = (wt, *stored[1:])
+            nstored = (to_nk(stored[0], half), *stored[1:])
             want = reference.quant_matmul(x, *stored, half)
-            wbytes = sum(a.nbytes for a in stored if a is not None)
+            wbytes = sum(a.nbytes for a in stored if a is not None)  # (the nk layout's int4 holds as many)
             copies = max(2, int(budget // wbytes))
-            sets = {"q": [tuple(a + 0 if a is not None else None for a in stored) for _ in range(copies)],
-                    "n": [tuple(a + 0 if a is not None else None for a in nstored) for _ in range(copies)],
+            sets = {"q": [tuple(_fresh(a) for a in stored) for _ in range(copies)],
+                    "n": [tuple(_fresh(a) for a in nstored) for _ in range(copies)],
                     "d": [(w.astype(jnp.bfloat16) + 0,) for _ in range(max(2, int(budget // (2 * k * n))))]}
             row = {"shape": name, "K": k, "N": n, "bits": bits, "group": group, "M": rows, "weight_MB": wbytes / 1e6}
-            for label, (fn, which) in forms(bits, half, half_k, rows, k, n, args.smoke).items():
+            for label, (fn, which) in forms(bits, half, rows, k, n, args.smoke).items():
                 if args.forms and not any(label == f or f.endswith("*") and label.startswith(f[:-1])
                                           for f in args.forms):
                     continue

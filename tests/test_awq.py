@@ -117,8 +117,8 @@ def test_logprobs_match_the_dequantized_float_model(llms):
 
 
 def test_nk_layout_keeps_the_checkpoint_weights(checkpoints, llms):
-    """quant_layout="nk" (one Hopper GPU's): the checkpoint's int4 weights re-laid exactly (transposed, packed
-    along the inputs), so generation gives the [in, out] layout's tokens and logprobs."""
+    """quant_layout="nk" (one Hopper GPU's): the checkpoint's int4 weights re-laid exactly (transposed, as
+    jnp.int4 q - 8), so generation gives the [in, out] layout's tokens and logprobs."""
     nk = LLM(str(checkpoints[0]), quantize_lm_head=False, quant_layout="nk", **KNOBS)
     assert nk.model.config.quant_layout == "nk"
     prompts = [{"prompt_token_ids": p} for p in mixed_prompts(3, seed=5) if len(p) > 1]

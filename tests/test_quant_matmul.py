@@ -217,11 +217,8 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
     # The nk layout (its shared-memory path: the interpreter has no register-operand MMA):
     (1, 256, 128, 8, 1, "nk", {}),    # int8, one scale per channel, K split across programs
     (9, 256, 192, 8, 2, "nk", {"stages": 2}),  # int8 in groups of 128 (scales by TMA), rows padded to 16
-    (20, 512, 128, 4, 4, "nk", {}),   # int4 in groups of 128: a step's low and high nibbles are its two K halves
-    (3, 256, 128, 4, 4, "nk", {"tile_n": 128, "piped_scales": False}),  # groups of 64: 32 K per MMA
-    # hopper_nk.quant_gemv: one row on the CUDA cores
-    (1, 512, 192, 8, 1, "gemv", {}), (1, 256, 128, 8, 2, "gemv", {"splits": 2}),
-    (1, 256, 256, 4, 4, "gemv", {"tile_n": 128}),  # int4 in groups of 64
+    (20, 512, 128, 4, 4, "nk", {}),   # int4 (jnp.int4 q - 8) in groups of 128, with zeros
+    (3, 256, 128, 4, 4, "nk", {"tile_n": 128, "piped_scales": False}),  # groups of 64, scales read per step
 ])
 def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, layout, knobs):
     """hopper.py's kernels in Mosaic GPU's interpreter (NaN-filled memory) on fresh inputs, against the oracle."""
@@ -230,10 +227,8 @@ def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, layout, knobs):
         assert hopper.supported(m, k, n, k // groups, half)
         got = hopper.quant_matmul(x, q, scale, zero, half=half, interpret=True, **knobs)
     else:
-        wt, half_k = to_nk(q, half, groups)
-        assert hopper_nk.supported(m, k, n, k // groups, half_k)
-        kernel = hopper_nk.quant_matmul if layout == "nk" else hopper_nk.quant_gemv
-        got = kernel(x, wt, scale, zero, half=half_k, interpret=True, **knobs)
+        assert hopper_nk.supported(m, k, n, k // groups)
+        got = hopper_nk.quant_matmul(x, to_nk(q, half), scale, zero, interpret=True, **knobs)
     want = reference.quant_matmul(x, q, scale, zero, half)
     assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
@@ -251,14 +246,15 @@ def test_hopper_kernel_rejects_what_it_cannot_tile():
 
 
 def abstract_layer(m: int, k: int, n: int, bits: int, groups: int, nk: bool = False) -> tuple:
-    """(x, w, scale, zero or None, half) as shapes for lowering: x bf16 [m, k], W stored [k, n] (or nk) with
-    int4 in half-blocks of 64."""
-    half = 64 if bits == 4 else None
-    stored = (n, k) if nk else (k, n)
-    w = jax.ShapeDtypeStruct((*stored[:-1], stored[-1] // 2), jnp.uint8) if half else jax.ShapeDtypeStruct(
-        stored, jnp.int8)
+    """(x, w, scale, zero or None, half) as shapes for lowering: x bf16 [m, k], W stored [k, n] with int4 in
+    half-blocks of 64, or in the nk layout [n, k] (int4 as jnp.int4)."""
+    half = 64 if bits == 4 and not nk else None
+    if nk:
+        w = jax.ShapeDtypeStruct((n, k), jnp.int4 if bits == 4 else jnp.int8)
+    else:
+        w = jax.ShapeDtypeStruct((k, n // 2), jnp.uint8) if half else jax.ShapeDtypeStruct((k, n), jnp.int8)
     s = jax.ShapeDtypeStruct((groups, n), jnp.float32)
-    return jax.ShapeDtypeStruct((m, k), jnp.bfloat16), w, s, s if half else None, half
+    return jax.ShapeDtypeStruct((m, k), jnp.bfloat16), w, s, s if bits == 4 else None, half
 
 
 @pytest.mark.parametrize("m,k,n,bits,groups", [(64, 4096, 14336, 4, 32), (17, 14336, 4096, 4, 112),
@@ -280,14 +276,18 @@ def test_hopper_kernel_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
 
 @pytest.mark.parametrize("k,n,bits,groups", [(256, 64, 8, 1), (256, 96, 4, 8)])
 def test_nk_layout_holds_the_same_weights(k, n, bits, groups):
-    """to_nk re-lays the stored integers exactly: the nk layout dequantizes to the same W, int4 packed along K
-    in half-blocks of its group (a byte's two values share a scale)."""
+    """to_nk re-lays the stored integers exactly: the nk layout ([N, K]; int4 as jnp.int4 q - 8) dequantizes
+    to the same W, and its int4 bytes are XLA's packing (K 2i in the low nibble, 2i + 1 in the high)."""
     _, _, half, (q, scale, zero) = make(2, k, n, bits, groups, jnp.float32, seed=k + n + bits)
-    wt, half_k = to_nk(q, half, groups)
-    assert wt.shape == ((n, k) if bits == 8 else (n, k // 2)) and wt.dtype == q.dtype
-    assert half_k == (None if bits == 8 else pack_half(k // groups))
-    np.testing.assert_array_equal(reference.dequantize(wt, scale, zero, half_k, nk=True),
+    wt = to_nk(q, half)
+    assert wt.shape == (n, k) and wt.dtype == (jnp.int8 if bits == 8 else jnp.int4)
+    np.testing.assert_array_equal(reference.dequantize(wt, scale, zero, None, nk=True),
                                   reference.dequantize(q, scale, zero, half))
+    if bits == 4:
+        values = unpack_int4(q, half).T.astype(jnp.int32)  # [N, K], 0..15
+        data = jax.lax.bitcast_convert_type(wt.reshape(n, k // 2, 2), jnp.uint8).astype(jnp.int32)
+        np.testing.assert_array_equal(data & 15, (values[:, 0::2] - 8) & 15)
+        np.testing.assert_array_equal(data >> 4, (values[:, 1::2] - 8) & 15)
 
 
 @pytest.mark.parametrize("m,bits,groups", [(1, 8, 1), (1, 4, 2), (3, 4, 8), (2, 8, 4)])
@@ -295,43 +295,39 @@ def test_row_matmul_matches_the_oracle(m, bits, groups):
     """The nk layout's one-row form in XLA (what quant_linear runs at one row there), and the layer's other
     nk paths (XLA's dot beyond one row) against the float32 oracle."""
     x, _, half, (q, scale, zero) = make(m, 512, 192, bits, groups, jnp.float32, seed=m + bits + groups)
-    wt, half_k = to_nk(q, half, groups)
+    wt = to_nk(q, half)
     want = reference.quant_matmul(x, q, scale, zero, half)
     top = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(row_matmul(x, wt, scale, zero, half_k), want, rtol=0, atol=1e-5 * top)
+    np.testing.assert_allclose(row_matmul(x, wt, scale, zero), want, rtol=0, atol=1e-5 * top)
     for backend in ("xla", "pallas-interpret", "sharded"):
-        got = quant_linear(x, wt, scale, zero, half_k, jnp.float32, backend, nk=True)
+        got = quant_linear(x, wt, scale, zero, None, jnp.float32, backend, nk=True)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
 
 
 def test_hopper_nk_kernel_rejects_what_it_cannot_take():
-    x, _, half, (q, scale, zero) = make(2, 256, 96, 4, 8, jnp.bfloat16, seed=3)  # groups of 32
-    wt, half_k = to_nk(q, half, 8)
-    assert not hopper_nk.supported(2, 256, 96, 32, half_k) and not hopper_nk.supported(65, 256, 128, 256, None)
+    x, _, half, (q, scale, zero) = make(2, 256, 128, 4, 8, jnp.bfloat16, seed=3)  # groups of 32
+    assert not hopper_nk.supported(2, 256, 128, 32) and not hopper_nk.supported(65, 256, 128, 256)
     with pytest.raises(ValueError, match="does not take"):
-        hopper_nk.quant_matmul(x, wt, scale, zero, half=half_k, interpret=True)
+        hopper_nk.quant_matmul(x, to_nk(q, half), scale, zero, interpret=True)
     x, _, half, (q, scale, zero) = make(2, 256, 128, 4, 2, jnp.bfloat16, seed=4)
-    wt, half_k = to_nk(q, half, 2)
-    with pytest.raises(ValueError, match="registers=True takes int8"):
-        hopper_nk.quant_matmul(x, wt, scale, zero, half=half_k, registers=True)
+    with pytest.raises(ValueError, match="registers=True needs a GPU"):
+        hopper_nk.quant_matmul(x, to_nk(q, half), scale, zero, registers=True, interpret=True)
 
 
 @pytest.mark.parametrize("m,k,n,bits,groups", [(8, 4096, 14336, 8, 1), (64, 14336, 4096, 8, 1),
                                                (64, 4096, 14336, 4, 32), (1, 4096, 4096, 4, 32),
-                                               (1, 4096, 4096, 8, 1), (1, 4096, 128256, 8, 1)])
+                                               (1, 4096, 14336, 4, 32), (1, 4096, 4096, 8, 1),
+                                               (1, 4096, 128256, 8, 1)])
 def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
-    """The nk kernel lowers at Llama-3.1-8B's shapes for an H100 (int8 through the MMA's register operand, the
-    path the interpreter lacks), and quant_linear in the nk layout on a Hopper GPU sends 2-64 rows there, one
-    row to XLA's row reduction, and one row of an int8 LM head to the kernel."""
-    x, w, s, z, half = abstract_layer(m, k, n, bits, groups, nk=True)
+    """The nk kernel lowers at Llama-3.1-8B's shapes for an H100 (through the MMA's register operand, the path
+    the interpreter lacks), and quant_linear in the nk layout on a Hopper GPU sends 2-64 rows there, and one
+    row of the larger layers (int4 gate/up/down, an int8 LM head or down_proj); the rest of one row to XLA's
+    row reduction."""
+    x, w, s, z, _ = abstract_layer(m, k, n, bits, groups, nk=True)
     monkeypatch.setattr(quant_matmul, "_is_hopper", lambda backend: True)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
-        layer = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, half, jnp.bfloat16, "pallas-gpu", nk=True)
+        layer = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, None, jnp.bfloat16, "pallas-gpu", nk=True)
                         ).trace(x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
-        if m == 1:  # the one-row CUDA-core candidate lowers too
-            gemv = jax.jit(lambda x, w, s, z: hopper_nk.quant_gemv(x, w, s, z, half=half)).trace(
-                x, w, s, z).lower(lowering_platforms=("cuda",)).as_text()
-            assert "quant_gemv_hopper_nk" in gemv
-    kernel = m > 1 or (bits == 8 and n > quant_matmul.ROW_MAX_N)
+    kernel = m > 1 or (k * n >= quant_matmul.ROW_KERNEL_INT4 if bits == 4 else n > quant_matmul.ROW_MAX_N or k > n)
     assert ("quant_matmul_hopper_nk" in layer) == kernel
-    assert ("_reg" in layer) == (kernel and bits == 8)
+    assert ("_reg" in layer) == kernel

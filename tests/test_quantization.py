@@ -124,10 +124,10 @@ def test_nk_layout_is_the_same_model(tiny_model, kind):
     pairs = [(layer(kn.model.params, 1, name), layer(nk.model.params, 1, name), kind) for name in PROJECTIONS]
     for a, b, bits in pairs + [(kn.model.params["lm_head"], nk.model.params["lm_head"], "int8")]:
         np.testing.assert_array_equal(a["scale"], b["scale"])
-        groups, *out = a["scale"].shape
+        _, *out = a["scale"].shape
         half = pack_half(out[-1]) if bits == "int4" else None
-        want, _ = to_nk(a["kernel"].reshape(-1, int(np.prod(out)) // (2 if half else 1)), half, groups)
-        assert b["kernel"].shape == (*out, want.shape[1])
+        want = to_nk(a["kernel"].reshape(-1, int(np.prod(out)) // (2 if half else 1)), half)
+        assert b["kernel"].shape == (*out, want.shape[1]) and b["kernel"].dtype == want.dtype
         np.testing.assert_array_equal(b["kernel"].reshape(want.shape), want)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0, logprobs=0)
     one = [{"prompt_token_ids": [5, 9, 12, 40, 7]}]  # decodes as one row

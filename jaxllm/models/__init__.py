@@ -62,6 +62,9 @@ def dummy_params(module: CausalLM, shardings, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(make, abstract, shardings)
 
 
+QUANT_DTYPES = (jnp.int8, jnp.uint8, jnp.int4)  # how QuantDense holds int8, int4 ([K, N] layout), int4 (nk)
+
+
 def quantize_params(params: dict, abstract: dict, shardings, nk: bool = False) -> dict:
     """The `params` of a model as the quantized model's tree `abstract` (unboxed) holds them: each int8 or int4
     kernel `[*in, *out]` still in floats quantized with its scale (and zero) `[groups, *out]` by
@@ -80,13 +83,13 @@ def quantize_params(params: dict, abstract: dict, shardings, nk: bool = False) -
         value = flat_params.get(path)
         if value is None and keys == ("lm_head", "kernel"):
             value = params["embed_tokens"]["embedding"].T
-        if keys[-1] == "kernel" and leaf.dtype in (jnp.int8, jnp.uint8) and (value.dtype != leaf.dtype or nk):
-            made = [keys, keys[:-1] + ("scale",)] + ([keys[:-1] + ("zero",)] if leaf.dtype == jnp.uint8 else [])
+        if keys[-1] == "kernel" and leaf.dtype in QUANT_DTYPES and (value.dtype != leaf.dtype or nk):
+            bits = 8 if leaf.dtype == jnp.int8 else 4
+            made = [keys, keys[:-1] + ("scale",)] + ([keys[:-1] + ("zero",)] if bits == 4 else [])
             shapes = tuple(_at(abstract, k).shape for k in made)
-            quantized = value.dtype == leaf.dtype
+            quantized = value.dtype in QUANT_DTYPES
             cache_key = (value.shape, value.dtype, shapes, tuple(_at(shardings, k) for k in made))
             if cache_key not in jitted:
-                bits = 8 if leaf.dtype == jnp.int8 else 4
                 fn = functools.partial(_transpose_leaf, bits=bits, shapes=shapes) if quantized else \
                     functools.partial(_quantize_leaf, bits=bits, shapes=shapes, nk=nk)
                 jitted[cache_key] = jax.jit(fn, out_shardings=cache_key[3][:1] if quantized else cache_key[3])
@@ -105,17 +108,17 @@ def _quantize_leaf(w: jax.Array, bits: int, shapes: tuple[tuple[int, ...], ...],
     w2 = w.reshape(-1, math.prod(out))
     half = pack_half(out[-1]) if bits == 4 else None
     q, *rest = quantize(w2, bits, groups, half)
-    q = to_nk(q, half, groups)[0] if nk else q
+    q = to_nk(q, half) if nk else q
     return tuple(x.reshape(shape) for x, shape in zip((m for m in (q, *rest) if m is not None), shapes))
 
 
 def _transpose_leaf(w: jax.Array, bits: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[jax.Array]:
     """An already-quantized kernel as loaders store it ([*in, *out], int4 packed along the last out dim) -> the
     nk layout's kernel in shapes[0]."""
-    groups, *out = shapes[1]
+    _, *out = shapes[1]
     half = pack_half(out[-1]) if bits == 4 else None
     w2 = w.reshape(-1, math.prod(out) // (2 if half else 1))
-    return (to_nk(w2, half, groups)[0].reshape(shapes[0]),)
+    return (to_nk(w2, half).reshape(shapes[0]),)
 
 
 def _at(tree, keys: tuple[str, ...]):

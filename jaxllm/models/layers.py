@@ -58,7 +58,7 @@ class QuantDense(nn.Module):
     """Weight-only quantized linear layer, stored as pallas_kernels.quant_matmul lays it out: kernel
     `[*in, *out]` in int8 (bits=8, symmetric) or two unsigned int4 per byte along the last output dim (bits=4,
     `[*in, *out[:-1], out[-1] // 2]`), a float32 scale (and, int4, zero) `[groups, *out]` per group of inputs.
-    With `nk` the kernel is `[*out, K]` (int4: `[*out, K // 2]`, packed along the flattened inputs K).
+    With `nk` the kernel is `[*out, K]` over the flattened inputs K (int4: jnp.int4 holding q - 8).
     The device holds one byte (half a byte) per weight; contracts the trailing `axis` dims of x."""
 
     features: int | tuple[int, ...]
@@ -77,7 +77,7 @@ class QuantDense(nn.Module):
 
     @nn.compact
     def weights(self, in_shape: tuple[int, ...]) -> tuple[tuple, int | None, jax.Array | None]:
-        """The stored weights as 2-D (kernel [K, N] or [K, N // 2], nk: [N, K] or [N, K // 2]; scale [G, N],
+        """The stored weights as 2-D (kernel [K, N] or [K, N // 2], nk: [N, K]; scale [G, N],
         zero [G, N] or None), int4's half, and the bias [*out] (None without)."""
         out = self.out_shape
         n_in = len(in_shape)
@@ -85,9 +85,8 @@ class QuantDense(nn.Module):
         groups = num_in // quant_group_size(num_in, self.bits, self.group_size)
         group_names = (None,) + self.names[n_in:]  # groups replicated: a layer may have one, and scales are small
         names = self.names
-        if self.nk:  # K flattened: int4 packs along it in half-blocks of its groups
-            half = None if self.bits == 8 else pack_half(num_in // groups)
-            stored = ((*out, num_in // (2 if half else 1)), jnp.uint8 if half else jnp.int8)
+        if self.nk:  # K flattened
+            half, stored = None, ((*out, num_in), jnp.int8 if self.bits == 8 else jnp.int4)
             names = (*self.names[n_in:], None)
         elif self.bits == 8:
             half, stored = None, ((*in_shape, *out), jnp.int8)

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxllm.attention import resolve_backend
@@ -50,8 +51,8 @@ class LoadedModel:
 
     @property
     def num_bytes(self) -> int:
-        """Bytes of all parameters on the devices (what a decode step reads)."""
-        return sum(x.nbytes for x in jax.tree.leaves(self.params))
+        """Bytes of all parameters on the devices (what a decode step reads; int4 packs two per byte)."""
+        return sum(x.size // 2 if x.dtype == jnp.int4 else x.nbytes for x in jax.tree.leaves(self.params))
 
 
 LOAD_FORMATS = ("auto", "dummy")

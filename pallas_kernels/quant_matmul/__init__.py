@@ -18,7 +18,9 @@ KERNEL_BACKENDS = {"pallas-gpu": False, "pallas-interpret": True}  # -> interpre
 CPU_KERNEL_BACKENDS = ("reference", "xla")
 HOPPER_MIN_ROWS = 17  # int4 from here to 64 rows runs hopper.py's kernel on an H100/H200 (gemv_forms, 64 rows)
 ROW_MAX_ROWS = 1  # the nk layout's XLA row reduction (xla.py) reads W once per row of x
-ROW_MAX_N = 32768  # wider one-row int8 matmuls (LM heads) read faster through hopper_nk.py's kernel (H200)
+# One row through hopper_nk.py's kernel rather than the row reduction, on an H100/H200 (gemv_forms, H200):
+ROW_KERNEL_INT4 = 1 << 25  # int4 W of this many weights or more (gate/up/down: 19-23 us against 26-27)
+ROW_MAX_N = 32768  # int8 W wider than this (LM heads: 160 us against 222), or deeper than wide (down: 23 vs 27)
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
@@ -28,12 +30,12 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     HOPPER_MIN_ROWS-64 rows on an H100/H200), the C++ one (cpu.py) on a CPU; otherwise int8
     with one scale per channel scales the product instead (on CPU through int8_dot_two_level), and the rest
     XLA dequantizes to `dtype` inside the matmul's fusion. The nk layout: one row through XLA's row reduction
-    (xla.py; int8 wider than ROW_MAX_N through hopper_nk.py's kernel on an H100/H200), up to 64 through that
-    kernel, the rest as above."""
+    (xla.py) or, on an H100/H200, the larger layers through hopper_nk.py's kernel (`_row_kernel`), 2-64 rows
+    through that kernel, the rest as above."""
     m, k = x.shape
     groups, n = scale.shape
     if nk:
-        return _quant_linear_nk(x, w, scale, zero, half, dtype, backend)
+        return _quant_linear_nk(x, w, scale, zero, dtype, backend)
     bf16_int4 = w.dtype == jnp.uint8 and jnp.dtype(dtype) == jnp.bfloat16  # (the Hopper kernel computes in bf16)
     if (backend in KERNEL_BACKENDS and bf16_int4 and m >= HOPPER_MIN_ROWS and _is_hopper(backend)
             and hopper.supported(m, k, n, k // groups, half)):
@@ -47,17 +49,22 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     return _xla_matmul(x, w, scale, zero, half, dtype)
 
 
-def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
-                     dtype, backend: str) -> jax.Array:
+def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype,
+                     backend: str) -> jax.Array:
     m, k = x.shape
     groups, n = scale.shape
     kernel = (backend in KERNEL_BACKENDS and jnp.dtype(dtype) == jnp.bfloat16 and _is_hopper(backend)
-              and hopper_nk.supported(m, k, n, k // groups, half))
-    if m <= ROW_MAX_ROWS and not (kernel and n > ROW_MAX_N and w.dtype == jnp.int8):
-        return row_matmul(x, w, scale, zero, half).astype(dtype)
+              and hopper_nk.supported(m, k, n, k // groups))
+    if m <= ROW_MAX_ROWS and not (kernel and _row_kernel(k, n, w.dtype == jnp.int4)):
+        return row_matmul(x, w, scale, zero).astype(dtype)
     if kernel:
-        return hopper_nk.quant_matmul(x, w, scale, zero, half=half).astype(dtype)
-    return _xla_matmul(x, w, scale, zero, half, dtype, nk=True)
+        return hopper_nk.quant_matmul(x, w, scale, zero).astype(dtype)
+    return _xla_matmul(x, w, scale, zero, None, dtype, nk=True)
+
+
+def _row_kernel(k: int, n: int, int4: bool) -> bool:
+    """Whether one row of x @ W [K, N] reads W faster through hopper_nk.py's kernel than the row reduction."""
+    return k * n >= ROW_KERNEL_INT4 if int4 else n > ROW_MAX_N or k > n
 
 
 def _xla_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None, dtype,

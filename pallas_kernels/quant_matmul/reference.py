@@ -16,8 +16,10 @@ The "nk" layout (`nk=True`; Hopper GPUs, where a one-row matmul reads each outpu
 same integers transposed, scales unchanged:
 
     int8  q int8  [N, K]       w[k, n] = q[n, k] * scale[g, n]
-    int4  p uint8 [N, K // 2]  packed along K in half-blocks of H = pack_half(group): a byte's two values
-                               share a group
+    int4  s int4  [N, K]       w[k, n] = (s[n, k] + 8) * scale[g, n] + zero[g, n]   (s = q - 8, -8..7)
+
+int4 there is jnp.int4, two per byte along K as XLA packs it (element 2i in the low nibble): Mosaic GPU
+converts signed int4 to bf16 in three instructions per two values, and XLA reads the bytes by bitcast.
 """
 
 from __future__ import annotations
@@ -46,20 +48,20 @@ def unpack_int4(p: jax.Array, half: int) -> jax.Array:
     return jnp.concatenate([blocks & 15, blocks >> 4], axis=-2).reshape(*p.shape[:-1], 2 * p.shape[-1])
 
 
-def to_nk(w: jax.Array, half: int | None, groups: int) -> tuple[jax.Array, int | None]:
-    """A stored [K, N] weight (int8, or int4 packed with `half`) -> (the same integers in the nk layout, its
-    half): exact, for loaders that read [K, N]."""
+def to_nk(w: jax.Array, half: int | None) -> jax.Array:
+    """A stored [K, N] weight (int8, or int4 packed with `half`) -> the same integers in the nk layout (int8
+    [N, K], or jnp.int4 [N, K] holding q - 8): exact, for loaders that read [K, N]."""
     if w.dtype != jnp.uint8:
-        return w.T, None
-    half_k = pack_half(w.shape[0] // groups)
-    return pack_int4(unpack_int4(w, half).T, half_k), half_k
+        return w.T
+    return (unpack_int4(w, half).T.astype(jnp.int8) - 8).astype(jnp.int4)
 
 
 def dequantize(w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, half: int | None = None,
                dtype=jnp.float32, nk: bool = False) -> jax.Array:
     """The float weight [K, N] in `dtype` from its stored form (int8 [K, N], or int4 packed [K, N // 2] with
-    its `half`; with `nk`, those transposed)."""
+    its `half`; with `nk`, int8 [N, K] or jnp.int4 [N, K])."""
     q = unpack_int4(w, half) if w.dtype == jnp.uint8 else w
+    q = q.astype(jnp.int32) + 8 if q.dtype == jnp.int4 else q
     q = q.T if nk else q
     groups, n = scale.shape
     deq = q.reshape(groups, -1, n).astype(dtype) * scale.astype(dtype)[:, None]

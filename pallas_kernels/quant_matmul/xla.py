@@ -12,23 +12,23 @@ import jax
 import jax.numpy as jnp
 
 
-def row_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
-               half: int | None = None) -> jax.Array:
-    """x [M, K] @ W with W in the nk layout (int8 [N, K], or int4 [N, K // 2] packed along K with `half`),
-    scale (zero) [G, N] -> float32 [M, N]. Meant for M = 1: each row of x is another pass over W."""
-    return jnp.concatenate([_one_row(x[i], w, scale, zero, half) for i in range(x.shape[0])])
+def row_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None) -> jax.Array:
+    """x [M, K] @ W with W in the nk layout (int8 [N, K], or jnp.int4 [N, K] holding q - 8), scale (zero)
+    [G, N] -> float32 [M, N]. Meant for M = 1: each row of x is another pass over W."""
+    return jnp.concatenate([_one_row(x[i], w, scale, zero) for i in range(x.shape[0])])
 
 
-def _one_row(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None) -> jax.Array:
+def _one_row(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None) -> jax.Array:
     """x [K] -> [1, N]. (Written without a rows axis: with one, XLA's reduction ran up to 1.6x slower on an
     H200.)"""
     groups, n = scale.shape
     xs = x.astype(jnp.float32).reshape(groups, -1)  # [G, g]
-    if w.dtype == jnp.uint8:  # byte [n, b*2H + j]: low nibble is K offset b*2H + j, high b*2H + H + j
-        q = w.reshape(n, groups, -1, half)  # [N, G, g / 2H, H]
-        xh = xs.reshape(groups, -1, 2, half)  # [G, g / 2H, 2, H]
-        inner = jnp.sum((q & 15).astype(jnp.float32) * xh[:, :, 0] + (q >> 4).astype(jnp.float32) * xh[:, :, 1],
-                        axis=(2, 3))  # [N, G]
+    if w.dtype == jnp.int4:  # read as bytes: byte i of a row holds K 2i (low nibble) and 2i + 1, each q - 8
+        q = jax.lax.bitcast_convert_type(w.reshape(n, -1, 2), jnp.uint8) ^ 0x88  # [N, K / 2]: q's nibbles
+        q = q.reshape(n, groups, -1)  # [N, G, g / 2]
+        xh = xs.reshape(groups, -1, 2)  # [G, g / 2, 2]
+        inner = jnp.sum((q & 15).astype(jnp.float32) * xh[..., 0] + (q >> 4).astype(jnp.float32) * xh[..., 1],
+                        axis=2)  # [N, G]
     else:
         inner = jnp.sum(w.reshape(n, groups, -1).astype(jnp.float32) * xs, axis=2)
     out = inner * scale.T.astype(jnp.float32)
