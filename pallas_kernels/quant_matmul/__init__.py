@@ -20,7 +20,8 @@ HOPPER_MIN_ROWS = 17  # int4 from here to 64 rows runs hopper.py's kernel on an 
 ROW_MAX_ROWS = 1  # the nk layout's XLA row reduction (xla.py) reads W once per row of x
 # One row through hopper_nk.py's kernel rather than the row reduction, on an H100/H200 (gemv_forms, H200):
 ROW_KERNEL_INT4 = 1 << 25  # int4 W of this many weights or more (gate/up/down: 19-23 us against 26-27)
-ROW_MAX_N = 32768  # int8 W wider than this (LM heads: 160 us against 222), or deeper than wide (down: 23 vs 27)
+ROW_MAX_N = 32768  # int8 W wider than this (LM heads: 160 us against 222), or deeper than wide (down_proj: 23
+#                   against 27; k/v_proj: 3.6 us in the model, 5 through the row reduction)
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
