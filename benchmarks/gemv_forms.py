@@ -49,7 +49,7 @@ KNOBS = [{"num_splits": s} for s in (4, 8, 16, 32, 64)] + [
 HOPPER_KNOBS = [{"stages": 2}, {"stages": 6}, {"splits": "half"}, {"splits": "double"}, {"piped_scales": True},
                 {"piped_scales": True, "stages": 2}]
 HOPPER_NK_KNOBS = [{"stages": 2}, {"stages": 8}, {"tile_n": 64}, {"tile_n": 128}, {"piped_scales": False},
-                   {"splits": "x2"}]
+                   {"splits": "x2"}, {"chunks": 2}, {"chunks": 2, "tile_n": 64}, {"chunks": 4, "tile_n": 64}]
 
 
 def matvec_reduce(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
@@ -106,7 +106,7 @@ def _splits(knobs: dict, k: int, n: int, group: int) -> dict:
     """knobs with splits "xF" resolved for hopper_nk: F times its default K split (a divisor of its steps)."""
     if not str(knobs.get("splits", "")).startswith("x"):
         return knobs
-    steps = k // hopper.group_step(group)
+    steps = k // (hopper.group_step(group) * knobs.get("chunks", 1))
     tile_n = knobs.get("tile_n", hopper_nk.choose_tile_n(k, n, group < k))
     want = int(knobs["splits"][1:]) * split_k(steps, n // tile_n)
     return {**knobs, "splits": max(d for d in range(1, steps + 1) if steps % d == 0 and d <= want)}

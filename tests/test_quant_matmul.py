@@ -219,6 +219,7 @@ def test_lowers_for_h100(m, k, n, bits, groups, body):
     (9, 256, 192, 8, 2, "nk", {"stages": 2}),  # int8 in groups of 128 (scales by TMA), rows padded to 16
     (20, 512, 128, 4, 4, "nk", {}),   # int4 (jnp.int4 q - 8) in groups of 128, with zeros
     (3, 256, 128, 4, 4, "nk", {"tile_n": 128, "piped_scales": False}),  # groups of 64, scales read per step
+    (2, 512, 128, 4, 4, "nk", {"chunks": 2}),  # two tiles (two groups' scales) per pipeline step
 ])
 def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, layout, knobs):
     """hopper.py's kernels in Mosaic GPU's interpreter (NaN-filled memory) on fresh inputs, against the oracle."""

@@ -34,15 +34,16 @@ def choose_tile_n(k: int, n: int, int4: bool) -> int:
     return 128 if int4 and k * n >= 1 << 25 and n % 128 == 0 else 64
 
 
-@functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "registers", "piped_scales",
+@functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "chunks", "registers", "piped_scales",
                                              "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
-                 tile_n: int | None = None, stages: int = 4, splits: int | None = None,
+                 tile_n: int | None = None, stages: int = 4, splits: int | None = None, chunks: int = 1,
                  registers: bool | None = None, piped_scales: bool = True, interpret: bool = False) -> jax.Array:
     """reference.quant_matmul(..., nk=True) (float32 [M, N]) for M <= MAX_ROWS and supported shapes: x
     [M, K] @ W with W stored [N, K] (int8, or jnp.int4 q - 8), scale (zero) [G, N]. `registers` (default on
     a GPU): the converted tile goes to the MMA from registers. `piped_scales`: a step's group scales (and
-    zeros) arrive by TMA with its tile (the [K, N] kernel's int4 at 8-64 rows: 12-24% faster that way)."""
+    zeros) arrive by TMA with its tile (the [K, N] kernel's int4 at 8-64 rows: 12-24% faster that way).
+    `chunks`: tiles of K per pipeline step, converted and multiplied before the step's one wait."""
     m, k = x.shape
     groups, n = scale.shape
     group = k // groups
@@ -52,10 +53,11 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
         raise ValueError(f"hopper_nk.quant_matmul does not take M={m}, K={k}, N={n}, group {group}, "
                          f"tile_n {tile_n}")
     tile_k = group_step(group)
-    splits = splits or split_k(k // tile_k, n // tile_n)
-    steps = k // (tile_k * splits)
-    if steps * tile_k * splits != k:
-        raise ValueError(f"splits {splits} must divide the {k // tile_k} steps of {tile_k} along K")
+    splits = splits or split_k(k // (tile_k * chunks), n // tile_n)
+    steps = k // (tile_k * chunks * splits)
+    if steps * tile_k * chunks * splits != k:
+        raise ValueError(f"splits {splits} x chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} "
+                         f"along K")
     registers = not interpret if registers is None else registers
     if registers and interpret:
         raise ValueError("registers=True needs a GPU (the interpreter has no register-operand MMA)")
@@ -78,42 +80,51 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
         gmem_groups = [r for r in (s_gmem, z_gmem) if r is not None]
         group_refs = gmem_groups if piped else []
 
-        def group_of(ki):
-            return (split * steps + ki) * tile_k // group
+        def group_of(ki, c):
+            return ((split * steps + ki) * chunks + c) * tile_k // group
 
         def accumulate(acc):
-            def step(idx, w_smem, x_smem, *group_smems):
-                if registers:
-                    q = plgpu.layout_cast(plgpu.load(w_smem, layout=upcast), plgpu.Layout.WGMMA)
-                else:
-                    q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False)
-                if per_group:  # the step's group: its scale and zero per output row (q - 8 adds 8 scales)
-                    at = [r.at[0] for r in group_smems] if piped else [
-                        r.at[group_of(idx[0]), cols] for r in gmem_groups]
-                    s, *z = [plgpu.load(a, layout=vector, optimized=False) for a in at]
-                    z = z[0] if z else None
-                    if int4:
-                        z = 8.0 * s if z is None else z + 8.0 * s
-                    dt = jnp.bfloat16 if registers else jnp.float32  # (bf16 pairs in registers: half the ops)
-                    q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
-                    if z is not None:
-                        q = q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
-                a = q.astype(jnp.bfloat16)
-                if not registers:
-                    wb_smem[0][...] = a
-                    plgpu.commit_smem()
-                    a = wb_smem[0]
-                plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, tile_k] @ [tile_k, rows]
+            def step(idx, *smems):
+                w_smems, x_smems = smems[:chunks], smems[chunks:2 * chunks]
+                group_smems = smems[2 * chunks:]
+                for c, (w_smem, x_smem) in enumerate(zip(w_smems, x_smems)):
+                    if registers:
+                        q = plgpu.layout_cast(plgpu.load(w_smem, layout=upcast), plgpu.Layout.WGMMA)
+                    else:
+                        q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False)
+                    if per_group:  # the tile's group: its scale and zero per output row (q - 8 adds 8 scales)
+                        at = [r.at[0] for r in group_smems[c * len(group_refs):(c + 1) * len(group_refs)]
+                              ] if piped else [r.at[group_of(idx[0], c), cols] for r in gmem_groups]
+                        s, *z = [plgpu.load(a, layout=vector, optimized=False) for a in at]
+                        z = z[0] if z else None
+                        if int4:
+                            z = 8.0 * s if z is None else z + 8.0 * s
+                        dt = jnp.bfloat16 if registers else jnp.float32  # (bf16 pairs in registers: half the ops)
+                        q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
+                        if z is not None:
+                            q = q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
+                    a = q.astype(jnp.bfloat16)
+                    if not registers:  # (one bf16 buffer: each tile's MMA done before the next is written)
+                        wb_smem[0][...] = a
+                        plgpu.commit_smem()
+                        a = wb_smem[0]
+                    plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, tile_k] @ [tile_k, rows]
+                    if not registers:
+                        plgpu.wgmma_wait(0)
                 plgpu.wgmma_wait(0)
 
-            group_specs = [plgpu.BlockSpec((1, tile_n), lambda ki: (group_of(ki), j))] * len(group_refs)
+            def at_tile(c):
+                return lambda ki: (split * steps + ki) * chunks + c
+
+            w_specs = [plgpu.BlockSpec((tile_n, tile_k), lambda ki, c=c: (j, at_tile(c)(ki)), transforms=w_transforms)
+                       for c in range(chunks)]
+            x_specs = [plgpu.BlockSpec((rows, tile_k), lambda ki, c=c: (0, at_tile(c)(ki)), transforms=bf16_tiles)
+                       for c in range(chunks)]
+            group_specs = [plgpu.BlockSpec((1, tile_n), lambda ki, c=c: (group_of(ki, c), j))
+                           for c in range(chunks) for _ in group_refs]
             plgpu.emit_pipeline(
-                step, grid=(steps,),
-                in_specs=[plgpu.BlockSpec((tile_n, tile_k), lambda ki: (j, split * steps + ki),
-                                          transforms=w_transforms),
-                          plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=bf16_tiles),
-                          *group_specs],
-                max_concurrent_steps=stages)(w_gmem, x_gmem, *group_refs)
+                step, grid=(steps,), in_specs=[*w_specs, *x_specs, *group_specs], max_concurrent_steps=stages,
+            )(*[w_gmem] * chunks, *[x_gmem] * chunks, *[r for _ in range(chunks) for r in group_refs])
             return acc[...]
 
         res = pl.run_scoped(accumulate, plgpu.ACC((tile_n, rows), jnp.float32))  # outputs down, x's rows across
@@ -128,7 +139,7 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
         kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32), scratch_types=scratch,
         grid=(n // tile_n, splits), grid_names=("strip", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=False),
-        kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers,
+        kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k * chunks}_s{splits}" + "_reg" * registers,
         interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
     return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
 
