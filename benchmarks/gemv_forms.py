@@ -18,6 +18,7 @@ as a jitted chain over > 1 GiB of distinct weight copies (quant_h100.chain_time:
   in that layout.
 - hopper_nk[...]: the Mosaic GPU kernel on the nk layout (hopper_nk.quant_matmul: the tile converted in
   registers, int4 from jnp.int4 q - 8, into the MMA's register operand).
+- hopper_ws[...]: the same warp-specialised (hopper_nk.quant_matmul_ws: a TMA warpgroup, two compute ones).
 
 GB/s counts the stored weight + scale (+ zero) bytes.
 """
@@ -50,6 +51,7 @@ HOPPER_KNOBS = [{"stages": 2}, {"stages": 6}, {"splits": "half"}, {"splits": "do
                 {"piped_scales": True, "stages": 2}]
 HOPPER_NK_KNOBS = [{"stages": 2}, {"stages": 8}, {"tile_n": 64}, {"tile_n": 128}, {"piped_scales": False},
                    {"splits": "x2"}, {"chunks": 2}, {"chunks": 2, "tile_n": 64}, {"chunks": 4, "tile_n": 64}]
+HOPPER_WS_KNOBS = [{"tile_n": 128}, {"stages": 2}, {"stages": 8}]
 
 
 def matvec_reduce(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
@@ -90,6 +92,10 @@ def forms(bits: int, half: int | None, rows: int, k: int, n: int, smoke: bool) -
             knobs = _splits(knobs, k, n, group)
             label = "hopper_nk" + "".join(f" {a}={b}" for a, b in knobs.items())
             out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_matmul(x, q, s, z, interpret=smoke, **kn), "n")
+        for knobs in [{}, *HOPPER_WS_KNOBS] if n % 128 == 0 else []:
+            label = "hopper_ws" + "".join(f" {a}={b}" for a, b in knobs.items())
+            out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_matmul_ws(x, q, s, z, interpret=smoke, **kn),
+                          "n")
     if hopper.supported(rows, k, n, group, half):
         base = hopper.choose_params(rows, k, n, group, half)
         for knobs in [{}, *HOPPER_KNOBS]:

@@ -53,6 +53,8 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
         raise ValueError(f"hopper_nk.quant_matmul does not take M={m}, K={k}, N={n}, group {group}, "
                          f"tile_n {tile_n}")
     tile_k = group_step(group)
+    if chunks < 1 or (k // tile_k) % chunks:
+        raise ValueError(f"chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} along K")
     splits = splits or split_k(k // (tile_k * chunks), n // tile_n)
     steps = k // (tile_k * chunks * splits)
     if steps * tile_k * chunks * splits != k:
@@ -144,4 +146,102 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
 
 
-__all__ = ["choose_tile_n", "quant_matmul", "supported"]
+@functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "registers", "interpret"))
+def quant_matmul_ws(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
+                    tile_n: int = 64, stages: int = 4, splits: int | None = None, registers: bool | None = None,
+                    interpret: bool = False) -> jax.Array:
+    """quant_matmul warp-specialised (a candidate, not yet measured on a GPU): per program one warpgroup issues
+    the TMA copies (weights [2 tile_n, tile_k], x, scales and zeros) and two compute warpgroups each convert
+    and multiply their [tile_n, tile_k] half of every tile, so a program keeps two conversion-MMA chains going
+    while its loads run ahead. Same arguments, layouts and result as quant_matmul."""
+    m, k = x.shape
+    groups, n = scale.shape
+    group = k // groups
+    int4 = w.dtype == jnp.int4
+    cta_n = 2 * tile_n
+    if not supported(m, k, n, group) or n % cta_n:
+        raise ValueError(f"hopper_nk.quant_matmul_ws does not take M={m}, K={k}, N={n}, group {group}, "
+                         f"tile_n {tile_n}")
+    tile_k = group_step(group)
+    splits = splits or split_k(k // tile_k, n // cta_n)
+    steps = k // (tile_k * splits)
+    if steps * tile_k * splits != k:
+        raise ValueError(f"splits {splits} must divide the {k // tile_k} steps of {tile_k} along K")
+    registers = not interpret if registers is None else registers
+    if registers and interpret:
+        raise ValueError("registers=True needs a GPU (the interpreter has no register-operand MMA)")
+    per_group = int4 or groups > 1
+    rows = max(8, 1 << (m - 1).bit_length())
+    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0)))
+    w_transforms = (plgpu.TilingTransform((8, tile_k)),
+                    plgpu.SwizzleTransform(min(128, tile_k // 2 if int4 else tile_k))) if registers else ()
+    upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
+    vector = plgpu.Layout.WGMMA.reduce(1)
+    bf16_tiles = (plgpu.TilingTransform((8, min(64, tile_k))), plgpu.SwizzleTransform(2 * min(64, tile_k)))
+
+    def kernel(x_gmem, w_gmem, s_gmem, *refs):
+        z_gmem = refs[0] if zero is not None else None
+        o_gmem, *wb_smem = refs[len(refs) - 1 - (0 if registers else 1):]
+        wg, j, split = jax.lax.axis_index("wg"), jax.lax.axis_index("strip"), jax.lax.axis_index("split")
+        half = pl.ds(wg * tile_n, tile_n)  # this compute warpgroup's rows of the program's tile
+        group_refs = [r for r in (s_gmem, z_gmem) if r is not None] if per_group else []
+
+        def compute_context(run_pipeline):
+            def scope(acc_ref):
+                run_pipeline(acc_ref)
+                res = acc_ref[...]
+                out_rows = pl.ds(j * cta_n + wg * tile_n, tile_n)
+                if not per_group:
+                    res = res * jax.lax.broadcast_in_dim(
+                        plgpu.load(s_gmem.at[0, out_rows], layout=vector, optimized=False), res.shape, (0,))
+                o_gmem[pl.ds(split * n + j * cta_n + wg * tile_n, tile_n), :] = res
+
+            pl.run_scoped(scope, plgpu.ACC((tile_n, rows), jnp.float32))
+
+        def step(idx, w_smem, x_smem, *rest):
+            *group_smems, acc_ref = rest
+            if registers:
+                q = plgpu.layout_cast(plgpu.load(w_smem.at[half], layout=upcast), plgpu.Layout.WGMMA)
+            else:
+                q = plgpu.load(w_smem.at[half], layout=plgpu.Layout.WGMMA, optimized=False)
+            if per_group:  # as in quant_matmul: the step's group scale (and zero; q - 8 adds 8 scales) per row
+                s, *z = [plgpu.load(r.at[0, half], layout=vector, optimized=False) for r in group_smems]
+                z = z[0] if z else None
+                if int4:
+                    z = 8.0 * s if z is None else z + 8.0 * s
+                dt = jnp.bfloat16 if registers else jnp.float32
+                q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
+                if z is not None:
+                    q = q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
+            a = q.astype(jnp.bfloat16)
+            if not registers:
+                wb_smem[0].at[wg][...] = a
+                plgpu.commit_smem()
+                a = wb_smem[0].at[wg]
+            plgpu.wgmma(acc_ref, a, x_smem.T)
+            plgpu.wgmma_wait(0)
+            return acc_ref
+
+        def group_of(ki):
+            return (split * steps + ki) * tile_k // group
+
+        plgpu.emit_pipeline_warp_specialized(
+            step, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=stages, compute_context=compute_context,
+            in_specs=[plgpu.BlockSpec((cta_n, tile_k), lambda ki: (j, split * steps + ki), transforms=w_transforms),
+                      plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=bf16_tiles),
+                      *[plgpu.BlockSpec((1, cta_n), lambda ki: (group_of(ki), j))] * len(group_refs)],
+        )(w_gmem, x_gmem, *group_refs)
+
+    args = [xp, w, scale.astype(jnp.float32)] + ([] if zero is None else [zero.astype(jnp.float32)])
+    scratch = [] if registers else [plgpu.SMEM((2, tile_n, tile_k), jnp.bfloat16, transforms=bf16_tiles)]
+    partial = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32), scratch_types=scratch,
+        grid=(n // cta_n, splits), grid_names=("strip", "split"), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=False),
+        kernel_name=f"quant_matmul_ws_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers,
+        interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
+    return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
+
+
+__all__ = ["choose_tile_n", "quant_matmul", "quant_matmul_ws", "supported"]
