@@ -34,6 +34,19 @@ def choose_tile_n(k: int, n: int, int4: bool) -> int:
     return 128 if int4 and k * n >= 1 << 25 and n % 128 == 0 else 64
 
 
+def _scaled(q, scale_zero: list, int4: bool, registers: bool):
+    """A converted tile q [tile_n, tile_k] times its rows' scales, plus their zeros (`scale_zero`: [scale] or
+    [scale, zero], each [tile_n]; int4's q - 8 adds 8 scales): in bf16 pairs in registers (half the
+    instructions), in float32 on the shared-memory path."""
+    s, *z = scale_zero
+    z = z[0] if z else None
+    if int4:
+        z = 8.0 * s if z is None else z + 8.0 * s
+    dt = jnp.bfloat16 if registers else jnp.float32
+    q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
+    return q if z is None else q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
+
+
 @functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "chunks", "registers", "piped_scales",
                                              "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
@@ -94,17 +107,10 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
                         q = plgpu.layout_cast(plgpu.load(w_smem, layout=upcast), plgpu.Layout.WGMMA)
                     else:
                         q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False)
-                    if per_group:  # the tile's group: its scale and zero per output row (q - 8 adds 8 scales)
+                    if per_group:  # the tile's group: its scale (and zero) per output row
                         at = [r.at[0] for r in group_smems[c * len(group_refs):(c + 1) * len(group_refs)]
                               ] if piped else [r.at[group_of(idx[0], c), cols] for r in gmem_groups]
-                        s, *z = [plgpu.load(a, layout=vector, optimized=False) for a in at]
-                        z = z[0] if z else None
-                        if int4:
-                            z = 8.0 * s if z is None else z + 8.0 * s
-                        dt = jnp.bfloat16 if registers else jnp.float32  # (bf16 pairs in registers: half the ops)
-                        q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
-                        if z is not None:
-                            q = q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
+                        q = _scaled(q, [plgpu.load(a, layout=vector, optimized=False) for a in at], int4, registers)
                     a = q.astype(jnp.bfloat16)
                     if not registers:  # (one bf16 buffer: each tile's MMA done before the next is written)
                         wb_smem[0][...] = a
@@ -204,15 +210,9 @@ def quant_matmul_ws(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Arra
                 q = plgpu.layout_cast(plgpu.load(w_smem.at[half], layout=upcast), plgpu.Layout.WGMMA)
             else:
                 q = plgpu.load(w_smem.at[half], layout=plgpu.Layout.WGMMA, optimized=False)
-            if per_group:  # as in quant_matmul: the step's group scale (and zero; q - 8 adds 8 scales) per row
-                s, *z = [plgpu.load(r.at[0, half], layout=vector, optimized=False) for r in group_smems]
-                z = z[0] if z else None
-                if int4:
-                    z = 8.0 * s if z is None else z + 8.0 * s
-                dt = jnp.bfloat16 if registers else jnp.float32
-                q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
-                if z is not None:
-                    q = q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
+            if per_group:  # the step's group: its scale (and zero) per row of this warpgroup's half
+                q = _scaled(q, [plgpu.load(r.at[0, half], layout=vector, optimized=False) for r in group_smems],
+                            int4, registers)
             a = q.astype(jnp.bfloat16)
             if not registers:
                 wb_smem[0].at[wg][...] = a
