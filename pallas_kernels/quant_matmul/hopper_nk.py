@@ -13,6 +13,7 @@ int8's one scale per channel applies to the result. The K splits write float32 p
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,48 @@ def _scaled(q, scale_zero: list, int4: bool, registers: bool):
     return q if z is None else q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
 
 
+class _Plan(NamedTuple):
+    """What both kernels derive from the shapes: steps along K, x padded, shared-memory tiles."""
+    tile_k: int  # K per tile: one group's step (hopper.group_step)
+    splits: int  # programs along K
+    steps: int  # pipeline steps per program
+    registers: bool  # the tile goes to the MMA from registers (a GPU), else through shared memory as bf16
+    xp: jax.Array  # x as bf16 [rows, K], rows padded to 8, 16, 32 or 64
+    w_transforms: tuple  # the weight tile's shared-memory tiling and swizzle (registers only)
+    upcast: plgpu.Layout  # the layout the weight tile loads in (registers only)
+    bf16_tiles: tuple  # bf16 [*, tile_k] operands' tiling and swizzle
+
+
+def _plan(name: str, x: jax.Array, w: jax.Array, scale: jax.Array, cta_n: int, chunks: int, splits: int | None,
+          registers: bool | None, interpret: bool) -> _Plan:
+    """_Plan for x [M, K] @ W [N, K] in programs of cta_n outputs, or a ValueError saying what does not fit."""
+    m, k = x.shape
+    groups, n = scale.shape
+    group = k // groups
+    if not supported(m, k, n, group) or n % cta_n:
+        raise ValueError(f"hopper_nk.{name} does not take M={m}, K={k}, N={n}, group {group}, {cta_n} outputs "
+                         f"per program")
+    tile_k = group_step(group)
+    if chunks < 1 or (k // tile_k) % chunks:
+        raise ValueError(f"chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} along K")
+    splits = splits or split_k(k // (tile_k * chunks), n // cta_n)
+    steps = k // (tile_k * chunks * splits)
+    if steps * tile_k * chunks * splits != k:
+        raise ValueError(f"splits {splits} x chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} "
+                         f"along K")
+    registers = not interpret if registers is None else registers
+    if registers and interpret:
+        raise ValueError("registers=True needs a GPU (the interpreter has no register-operand MMA)")
+    rows = max(8, 1 << (m - 1).bit_length())
+    int4 = w.dtype == jnp.int4
+    row_bytes = tile_k // 2 if int4 else tile_k
+    return _Plan(
+        tile_k, splits, steps, registers, jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0))),
+        (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(min(128, row_bytes))) if registers else (),
+        plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X,
+        (plgpu.TilingTransform((8, min(64, tile_k))), plgpu.SwizzleTransform(2 * min(64, tile_k))))
+
+
 @functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "chunks", "registers", "piped_scales",
                                              "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
@@ -62,30 +105,12 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     group = k // groups
     int4 = w.dtype == jnp.int4
     tile_n = tile_n or choose_tile_n(k, n, int4)
-    if not supported(m, k, n, group) or n % tile_n:
-        raise ValueError(f"hopper_nk.quant_matmul does not take M={m}, K={k}, N={n}, group {group}, "
-                         f"tile_n {tile_n}")
-    tile_k = group_step(group)
-    if chunks < 1 or (k // tile_k) % chunks:
-        raise ValueError(f"chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} along K")
-    splits = splits or split_k(k // (tile_k * chunks), n // tile_n)
-    steps = k // (tile_k * chunks * splits)
-    if steps * tile_k * chunks * splits != k:
-        raise ValueError(f"splits {splits} x chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} "
-                         f"along K")
-    registers = not interpret if registers is None else registers
-    if registers and interpret:
-        raise ValueError("registers=True needs a GPU (the interpreter has no register-operand MMA)")
+    tile_k, splits, steps, registers, xp, w_transforms, upcast, bf16_tiles = _plan(
+        "quant_matmul", x, w, scale, tile_n, chunks, splits, registers, interpret)
     per_group = int4 or groups > 1
     piped = piped_scales and per_group
-    rows = max(8, 1 << (m - 1).bit_length())
-    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0)))
-    row_bytes = tile_k // 2 if int4 else tile_k
-    w_transforms = (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(min(128, row_bytes))
-                    ) if registers else ()
-    upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
+    rows = xp.shape[0]
     vector = plgpu.Layout.WGMMA.reduce(1)  # one value per output row of the tile
-    bf16_tiles = (plgpu.TilingTransform((8, min(64, tile_k))), plgpu.SwizzleTransform(2 * min(64, tile_k)))
 
     def kernel(x_gmem, w_gmem, s_gmem, *refs):
         z_gmem = refs[0] if zero is not None else None
@@ -165,25 +190,11 @@ def quant_matmul_ws(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Arra
     group = k // groups
     int4 = w.dtype == jnp.int4
     cta_n = 2 * tile_n
-    if not supported(m, k, n, group) or n % cta_n:
-        raise ValueError(f"hopper_nk.quant_matmul_ws does not take M={m}, K={k}, N={n}, group {group}, "
-                         f"tile_n {tile_n}")
-    tile_k = group_step(group)
-    splits = splits or split_k(k // tile_k, n // cta_n)
-    steps = k // (tile_k * splits)
-    if steps * tile_k * splits != k:
-        raise ValueError(f"splits {splits} must divide the {k // tile_k} steps of {tile_k} along K")
-    registers = not interpret if registers is None else registers
-    if registers and interpret:
-        raise ValueError("registers=True needs a GPU (the interpreter has no register-operand MMA)")
+    tile_k, splits, steps, registers, xp, w_transforms, upcast, bf16_tiles = _plan(
+        "quant_matmul_ws", x, w, scale, cta_n, 1, splits, registers, interpret)
     per_group = int4 or groups > 1
-    rows = max(8, 1 << (m - 1).bit_length())
-    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0)))
-    w_transforms = (plgpu.TilingTransform((8, tile_k)),
-                    plgpu.SwizzleTransform(min(128, tile_k // 2 if int4 else tile_k))) if registers else ()
-    upcast = plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X
+    rows = xp.shape[0]
     vector = plgpu.Layout.WGMMA.reduce(1)
-    bf16_tiles = (plgpu.TilingTransform((8, min(64, tile_k))), plgpu.SwizzleTransform(2 * min(64, tile_k)))
 
     def kernel(x_gmem, w_gmem, s_gmem, *refs):
         z_gmem = refs[0] if zero is not None else None
