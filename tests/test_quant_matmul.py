@@ -21,7 +21,7 @@ import pytest
 import pallas_kernels.quant_matmul as quant_matmul
 from pallas_kernels.quant_matmul import (cpu, gpu, hopper, hopper_nk, int8_dot_two_level, pack_half, pack_int4,
                                         quant_linear, quant_linear_many, quantize, reference, row_matmul, to_nk,
-                                        unpack_int4)
+                                        tpu, unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -339,3 +339,35 @@ def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
     kernel = m > 1 or (k * n >= quant_matmul.ROW_KERNEL_INT4 if bits == 4 else n > quant_matmul.ROW_MAX_N or k > n)
     assert ("quant_matmul_hopper_nk" in layer) == kernel
     assert ("_reg" in layer) == kernel
+
+
+@pytest.mark.parametrize("m,k,n,bits,groups,dtype", [
+    (1, 256, 128, 8, 1, jnp.float32),    # int8, one scale per channel (applied to the sum)
+    (9, 512, 256, 8, 4, jnp.float32),    # int8 in groups of 128: each K block's dot scaled; rows padded to 16
+    (3, 512, 512, 4, 4, jnp.bfloat16),   # int4 with zeros: two nibble dots per block, columns put back in order
+])
+def test_tpu_kernel_matches_the_oracle(m, k, n, bits, groups, dtype):
+    """tpu.py's kernel in Pallas' TPU interpreter on fresh inputs, against the oracle, and quant_linear sending
+    a TPU backend's layer there."""
+    x, _, half, (q, scale, zero) = make(m, k, n, bits, groups, dtype, seed=m + k + n + bits)
+    assert tpu.supported(m, k, n, k // groups, half)
+    want = reference.quant_matmul(x, q, scale, zero, half)
+    top = float(jnp.max(jnp.abs(want)))
+    got = tpu.quant_matmul(x, q, scale, zero, half=half, interpret=True)
+    assert got.shape == (m, n) and not bool(jnp.isnan(got).any())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
+    layer = quant_linear(x, q, scale, zero, half, jnp.float32, "pallas-tpu-interpret")
+    np.testing.assert_allclose(layer, want, rtol=0, atol=2e-2 * top if dtype == jnp.bfloat16 else 1e-5 * top)
+
+
+def test_tpu_kernel_lowers_for_v6e():
+    """Llama-3.1-8B's gate/up (int4, groups of 128) and an int8 LM head lower through Mosaic for a TPU v6e
+    on this CPU, and quant_linear on the "pallas-tpu" backend runs the kernel; GGUF's groups of 32 go to XLA."""
+    v6e = jax.sharding.AbstractDevice(device_kind="TPU v6 lite", num_cores=1, platform="tpu")
+    assert not tpu.supported(1, 4096, 4096, 32, 64) and not tpu.supported(65, 4096, 4096, 4096, None)
+    for m, k, n, bits, groups in [(1, 4096, 14336, 4, 32), (16, 4096, 128256, 8, 1)]:
+        x, w, s, z, half = abstract_layer(m, k, n, bits, groups)
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=v6e)):
+            text = jax.jit(lambda x, w, s, z: quant_linear(x, w, s, z, half, jnp.bfloat16, "pallas-tpu")).trace(
+                x, w, s, z).lower(lowering_platforms=("tpu",)).as_text()
+        assert "tpu_custom_call" in text

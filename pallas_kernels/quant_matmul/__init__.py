@@ -1,20 +1,21 @@
 """Weight-only quantized matmul (int8, int4): the storage layouts and oracle (reference.py), the GPU kernels
-for decode-sized batches (gpu.py through Triton, hopper.py and hopper_nk.py through Mosaic GPU), XLA's
-one-row form of the transposed layout (xla.py), the CPU kernel (cpu.py), and `quant_linear`, which picks
-between them and XLA's dot per call shape."""
+for decode-sized batches (gpu.py through Triton, hopper.py and hopper_nk.py through Mosaic GPU), the TPU
+kernel (tpu.py), XLA's one-row form of the transposed layout (xla.py), the CPU kernel (cpu.py), and
+`quant_linear`, which picks between them and XLA's dot per call shape."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import cpu, gpu, hopper, hopper_nk
+from pallas_kernels.quant_matmul import cpu, gpu, hopper, hopper_nk, tpu
 from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, to_nk, unpack_int4
 from pallas_kernels.quant_matmul.xla import row_matmul
 
 # The attention backends (jaxllm.attention.BACKENDS) whose platform runs the Pallas GPU kernel here, and
 # those that run the C++ kernel when the platform is a CPU ("sharded": tensor parallel, XLA only).
 KERNEL_BACKENDS = {"pallas-gpu": False, "pallas-interpret": True}  # -> interpret mode
+TPU_KERNEL_BACKENDS = {"pallas-tpu": False, "pallas-tpu-interpret": True}  # tpu.py's kernel (-> interpret mode)
 CPU_KERNEL_BACKENDS = ("reference", "xla")
 HOPPER_MIN_ROWS = 17  # int4 from here to 64 rows runs hopper.py's kernel on an H100/H200 (gemv_forms, 64 rows)
 ROW_MAX_ROWS = 1  # the nk layout's XLA row reduction (xla.py) reads W once per row of x
@@ -28,7 +29,8 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
                  dtype, backend: str, nk: bool = False) -> jax.Array:
     """x [M, K] @ W [K, N] -> [M, N] in `dtype`, W stored as reference.py lays it out. Small M runs a kernel
     that reads W as stored: a Pallas kernel on a GPU backend (gpu.py; hopper.py for bf16 int4 at
-    HOPPER_MIN_ROWS-64 rows on an H100/H200), the C++ one (cpu.py) on a CPU; otherwise int8
+    HOPPER_MIN_ROWS-64 rows on an H100/H200), the Pallas TPU kernel (tpu.py) on a TPU backend, the C++
+    one (cpu.py) on a CPU; otherwise int8
     with one scale per channel scales the product instead (on CPU through int8_dot_two_level), and the rest
     XLA dequantizes to `dtype` inside the matmul's fusion. The nk layout: one row through XLA's row reduction
     (xla.py) or, on an H100/H200, the larger layers through hopper_nk.py's kernel (`_row_kernel`), 2-64 rows
@@ -45,6 +47,9 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     if backend in KERNEL_BACKENDS and gpu.supported(m, k, n, k // groups, half):
         return gpu.quant_matmul(x.astype(dtype), w, scale, zero, half=half,
                                 interpret=KERNEL_BACKENDS[backend]).astype(dtype)
+    if backend in TPU_KERNEL_BACKENDS and tpu.supported(m, k, n, k // groups, half):
+        return tpu.quant_matmul(x.astype(dtype), w, scale, zero, half=half,
+                                interpret=TPU_KERNEL_BACKENDS[backend]).astype(dtype)
     if backend in CPU_KERNEL_BACKENDS and jax.default_backend() == "cpu" and m <= cpu.MAX_ROWS and cpu.available():
         return cpu.quant_matmul(x, w, scale, zero, half).astype(dtype)
     return _xla_matmul(x, w, scale, zero, half, dtype)
