@@ -188,6 +188,28 @@ def test_decode_through_the_gpu_kernel(tiny_model, kind, monkeypatch):
             assert abs(va.logprob - lb[ta].logprob) < 1e-4
 
 
+def test_decode_through_the_tpu_kernel(tiny_model, monkeypatch):
+    """On a TPU backend (here Pallas' TPU interpreter) the int4 matmuls that tile in lanes of 128 run tpu.py's
+    kernel: the same tokens and logprobs as XLA's dequantize-and-dot path on the same weights."""
+    traced = []  # (rows, K, N) of each kernel call
+    kernel_fn = quant_matmul.tpu.quant_matmul
+    monkeypatch.setattr(quant_matmul.tpu, "quant_matmul",
+                        lambda x, w, scale, *a, **k: traced.append((*x.shape, scale.shape[1])) or kernel_fn(
+                            x, w, scale, *a, **k))
+    path, _ = tiny_model("llama3.1", hidden_size=128, intermediate_size=256)
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(2, seed=6)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0)
+    kernel = LLM(str(path), quantization="int4", attention_backend="pallas-tpu-interpret", **KNOBS).generate(
+        prompts, params, use_tqdm=False)
+    assert {(k, n) for _, k, n in traced} >= {(128, 256)}  # gate/up ([128, 256], groups of 128)
+    xla = LLM(str(path), quantization="int4", **KNOBS).generate(prompts, params, use_tqdm=False)
+    for a, b in zip(kernel, xla):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            (ta, va), = la.items()
+            assert abs(va.logprob - lb[ta].logprob) < 1e-4
+
+
 @pytest.mark.parametrize("features", [(128, 128, 256), (64, 128)])  # int4 half-blocks alike / of 32 and 64
 @pytest.mark.parametrize("backend", ["pallas-interpret", "xla"])
 def test_project_many_is_each_layer(features, backend, monkeypatch):
