@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.quant_matmul.gpu import split_k
+from pallas_kernels.quant_matmul.reference import checked_shapes
 
 MAX_ROWS = 64  # x's rows are the MMA's N side: 8..64 here
 _SMEM_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # bf16 MMA operands, 128-byte rows
@@ -65,12 +66,8 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     `piped_scales`: a step's group scales (and zeros) arrive by TMA with its weight tile instead of a load
     from global memory in the step (H200, int4 at 64 rows with 2 stages: gate/up 47 against 55 us; quant_linear
     runs it so)."""
-    m, k = x.shape
-    groups, n = scale.shape
-    group = k // groups
-    int4 = w.dtype == jnp.uint8
-    if not supported(m, k, n, group, half if int4 else None):
-        raise ValueError(f"hopper.quant_matmul does not take M={m}, K={k}, N={n}, group {group}, half {half}")
+    m, k, n, group, int4 = checked_shapes("hopper.quant_matmul", x, w, scale, half, supported)
+    groups = scale.shape[0]
     p = choose_params(m, k, n, group, half if int4 else None)
     tile_n, tile_k = tile_n or p["tile_n"], tile_k or p["tile_k"]
     stages, splits = stages or p["stages"], splits or p["splits"]

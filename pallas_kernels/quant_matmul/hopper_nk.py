@@ -35,17 +35,29 @@ def choose_tile_n(k: int, n: int, int4: bool) -> int:
     return 128 if int4 and k * n >= 1 << 25 and n % 128 == 0 else 64
 
 
-def _scaled(q, scale_zero: list, int4: bool, registers: bool):
-    """A converted tile q [tile_n, tile_k] times its rows' scales, plus their zeros (`scale_zero`: [scale] or
-    [scale, zero], each [tile_n]; int4's q - 8 adds 8 scales): in bf16 pairs in registers (half the
-    instructions), in float32 on the shared-memory path."""
-    s, *z = scale_zero
-    z = z[0] if z else None
-    if int4:
-        z = 8.0 * s if z is None else z + 8.0 * s
-    dt = jnp.bfloat16 if registers else jnp.float32
-    q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
-    return q if z is None else q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
+def _operand(w_smem, scale_zero: list, buffer, int4: bool, upcast: plgpu.Layout):
+    """The MMA's weight operand from a tile [tile_n, tile_k] in shared memory: converted, and scaled per row
+    when `scale_zero` names its rows' scale (and zero) refs, each [tile_n] (int4's q - 8 adds 8 scales). With
+    no `buffer`: in registers, through `upcast`, scaled in bf16 pairs (half the instructions). With one (the
+    shared-memory path, the interpreter's): scaled in float32, stored there as bf16, and the buffer returned."""
+    registers = buffer is None
+    if registers:
+        q = plgpu.layout_cast(plgpu.load(w_smem, layout=upcast), plgpu.Layout.WGMMA)
+    else:
+        q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False)
+    if scale_zero:
+        s, *z = [plgpu.load(r, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False) for r in scale_zero]
+        z = z[0] if z else None
+        if int4:
+            z = 8.0 * s if z is None else z + 8.0 * s
+        dt = jnp.bfloat16 if registers else jnp.float32
+        q = q.astype(dt) * jax.lax.broadcast_in_dim(s.astype(dt), q.shape, (0,))
+        q = q if z is None else q + jax.lax.broadcast_in_dim(z.astype(dt), q.shape, (0,))
+    if registers:
+        return q.astype(jnp.bfloat16)
+    buffer[...] = q.astype(jnp.bfloat16)
+    plgpu.commit_smem()
+    return buffer
 
 
 class _Plan(NamedTuple):
@@ -128,19 +140,12 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
                 w_smems, x_smems = smems[:chunks], smems[chunks:2 * chunks]
                 group_smems = smems[2 * chunks:]
                 for c, (w_smem, x_smem) in enumerate(zip(w_smems, x_smems)):
-                    if registers:
-                        q = plgpu.layout_cast(plgpu.load(w_smem, layout=upcast), plgpu.Layout.WGMMA)
-                    else:
-                        q = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False)
+                    at = []
                     if per_group:  # the tile's group: its scale (and zero) per output row
                         at = [r.at[0] for r in group_smems[c * len(group_refs):(c + 1) * len(group_refs)]
                               ] if piped else [r.at[group_of(idx[0], c), cols] for r in gmem_groups]
-                        q = _scaled(q, [plgpu.load(a, layout=vector, optimized=False) for a in at], int4, registers)
-                    a = q.astype(jnp.bfloat16)
-                    if not registers:  # (one bf16 buffer: each tile's MMA done before the next is written)
-                        wb_smem[0][...] = a
-                        plgpu.commit_smem()
-                        a = wb_smem[0]
+                    # (one bf16 buffer off registers: each tile's MMA done before the next is written)
+                    a = _operand(w_smem, at, wb_smem[0] if wb_smem else None, int4, upcast)
                     plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, tile_k] @ [tile_k, rows]
                     if not registers:
                         plgpu.wgmma_wait(0)
@@ -217,18 +222,9 @@ def quant_matmul_ws(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Arra
 
         def step(idx, w_smem, x_smem, *rest):
             *group_smems, acc_ref = rest
-            if registers:
-                q = plgpu.layout_cast(plgpu.load(w_smem.at[half], layout=upcast), plgpu.Layout.WGMMA)
-            else:
-                q = plgpu.load(w_smem.at[half], layout=plgpu.Layout.WGMMA, optimized=False)
-            if per_group:  # the step's group: its scale (and zero) per row of this warpgroup's half
-                q = _scaled(q, [plgpu.load(r.at[0, half], layout=vector, optimized=False) for r in group_smems],
-                            int4, registers)
-            a = q.astype(jnp.bfloat16)
-            if not registers:
-                wb_smem[0].at[wg][...] = a
-                plgpu.commit_smem()
-                a = wb_smem[0].at[wg]
+            # the step's group: its scale (and zero) per row of this warpgroup's half
+            a = _operand(w_smem.at[half], [r.at[0, half] for r in group_smems],
+                         wb_smem[0].at[wg] if wb_smem else None, int4, upcast)
             plgpu.wgmma(acc_ref, a, x_smem.T)
             plgpu.wgmma_wait(0)
             return acc_ref

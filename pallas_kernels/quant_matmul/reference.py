@@ -56,6 +56,18 @@ def to_nk(w: jax.Array, half: int | None) -> jax.Array:
     return (unpack_int4(w, half).T.astype(jnp.int8) - 8).astype(jnp.int4)
 
 
+def checked_shapes(name: str, x: jax.Array, w: jax.Array, scale: jax.Array, half: int | None,
+                   supported) -> tuple[int, int, int, int, bool]:
+    """(M, K, N, group, int4) of x [M, K] @ W stored [K, N] (int4 packed with `half`), or a ValueError naming
+    the kernel `name` when its `supported(rows, k, n, group, half)` does not take them."""
+    m, k = x.shape
+    groups, n = scale.shape
+    int4 = w.dtype == jnp.uint8
+    if not supported(m, k, n, k // groups, half if int4 else None):
+        raise ValueError(f"{name} does not take M={m}, K={k}, N={n}, group {k // groups}, half {half}")
+    return m, k, n, k // groups, int4
+
+
 def dequantize(w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, half: int | None = None,
                dtype=jnp.float32, nk: bool = False) -> jax.Array:
     """The float weight [K, N] in `dtype` from its stored form (int8 [K, N], or int4 packed [K, N // 2] with

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.quant_matmul.reference import checked_shapes
+
 MAX_ROWS = 64  # decode-sized batches; longer x goes to XLA's dot
 
 
@@ -40,12 +42,8 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     """reference.quant_matmul (float32 [M, N]) for supported shapes: x [M, K] @ W stored [K, N] (int8) or
     [K, N // 2] (int4 in half-blocks of `half` = 64), scale (zero) [G, N]. `interpret=True` runs Pallas' TPU
     interpreter on any backend."""
-    m, k = x.shape
-    groups, n = scale.shape
-    group = k // groups
-    int4 = w.dtype == jnp.uint8
-    if not supported(m, k, n, group, half if int4 else None):
-        raise ValueError(f"quant_matmul.tpu does not take M={m}, K={k}, N={n}, group {group}, half {half}")
+    m, k, n, group, int4 = checked_shapes("quant_matmul.tpu", x, w, scale, half, supported)
+    groups = scale.shape[0]
     parts = 2 if int4 else 1
     per_group = int4 or groups > 1
     tile_k = _tile(group if per_group else k, (512, 256, 128))
