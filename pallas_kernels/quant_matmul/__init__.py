@@ -31,9 +31,9 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
     that reads W as stored: a Pallas kernel on a GPU backend (gpu.py; hopper.py for bf16 int4 at
     HOPPER_MIN_ROWS-64 rows on an H100/H200), the Pallas TPU kernel (tpu.py) on a TPU backend, the C++
     one (cpu.py) on a CPU; otherwise int8 with one scale per channel scales the product instead (on CPU
-    through int8_dot_two_level), and the rest XLA dequantizes to `dtype` inside the matmul's fusion. The nk layout: one row through XLA's row reduction
-    (xla.py) or, on an H100/H200, the larger layers through hopper_nk.py's kernel (`_row_kernel`), 2-64 rows
-    through that kernel, the rest as above."""
+    through int8_dot_two_level), and the rest XLA dequantizes to `dtype` inside the matmul's fusion. The nk
+    layout: one row through XLA's row reduction (xla.py) or, on an H100/H200, the larger layers through
+    hopper_nk.py's kernel (`_row_kernel`), 2-64 rows through that kernel, the rest as above."""
     m, k = x.shape
     groups, n = scale.shape
     if nk:
