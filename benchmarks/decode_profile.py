@@ -1,7 +1,8 @@
 """Decode of the 8B shape on one GPU: is a step bound by the device or by the host launching it?
 
     PYTHONPATH=. python benchmarks/decode_profile.py [--configs bf16 int8 int4] [--batch 1] [--pointers]
-        [--fresh-buffers] [--out DIR]
+        [--fresh-buffers] [--tokens 64] [--max-num-seqs N --kv-pages N --max-model-len N
+        --max-num-batched-tokens N] [--out DIR]
 
 Per weight configuration (random weights, quantized at load, the LM head as its label says): the wall time per
 decode step of a 64-token greedy generate of `--batch` sequences (median of 3, less a 1-token generate), then
@@ -56,8 +57,9 @@ def profile_config(label: str, args: argparse.Namespace, shown: str | None = Non
                     setattr(mod, name, value)
     quant, head = CONFIGS[label]
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, quantize_lm_head=head,
-              max_num_seqs=args.batch, num_kv_pages=256 * args.batch, max_model_len=1024, enable_prefix_caching=False,
-              warmup=False)
+              max_num_seqs=args.max_num_seqs or args.batch, num_kv_pages=args.kv_pages or 256 * args.batch,
+              max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False, warmup=False)
     vocab = llm.model.config.vocab_size
     prompt = [{"prompt_token_ids": [(i + 7 * b) % vocab for i in range(1000, 1128)]} for b in range(args.batch)]
     def run(n: int = args.tokens) -> float:
@@ -150,6 +152,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--top", type=int, default=8, help="kernels listed, by total time")
+    # the engine's sizes (quant_h100.py's engine table: --max-num-seqs 64 --kv-pages 4096 --max-model-len 2048
+    # --max-num-batched-tokens 2048)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: --batch")
+    ap.add_argument("--kv-pages", type=int, default=None, help="default: 256 per sequence")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--pointers", action="store_true", help="print the step buffers' device addresses")
     ap.add_argument("--fresh-buffers", action="store_true",
                     help="steps take fresh input and output buffers, as before runner.STABLE_ADDRESSES")

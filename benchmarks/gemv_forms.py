@@ -1,7 +1,7 @@
 """Decode-sized quantized matmuls on one GPU, written every way we have: which form reads the weights fastest?
 
-    PYTHONPATH=. python benchmarks/gemv_forms.py [--shapes ...] [--bits 8 4] [--rows 1 8 64] [--forms ...]
-        [--out DIR] [--smoke]
+    PYTHONPATH=. python benchmarks/gemv_forms.py [--shapes ...] [--extra-shapes KxN ...] [--bits 8 4]
+        [--rows 1 8 64] [--forms ...] [--out DIR] [--smoke]
 
 At batch 1-64 a linear layer is a read of its weights. Per Llama-3.1-8B layer shape [K, N], weight format and
 number of rows of x (`--rows`), each form checked against the float32 oracle (reference.quant_matmul), then timed
@@ -18,7 +18,6 @@ as a jitted chain over > 1 GiB of distinct weight copies (quant_h100.chain_time:
   in that layout.
 - hopper_nk[...]: the Mosaic GPU kernel on the nk layout (hopper_nk.quant_matmul: the tile converted in
   registers, int4 from jnp.int4 q - 8, into the MMA's register operand).
-- hopper_ws[...]: the same warp-specialised (hopper_nk.quant_matmul_ws: a TMA warpgroup, two compute ones).
 
 GB/s counts the stored weight + scale (+ zero) bytes.
 """
@@ -50,8 +49,7 @@ KNOBS = [{"num_splits": s} for s in (4, 8, 16, 32, 64)] + [
 HOPPER_KNOBS = [{"stages": 2}, {"stages": 6}, {"splits": "half"}, {"splits": "double"}, {"piped_scales": True},
                 {"piped_scales": True, "stages": 2}]
 HOPPER_NK_KNOBS = [{"stages": 2}, {"stages": 8}, {"tile_n": 64}, {"tile_n": 128}, {"piped_scales": False},
-                   {"splits": "x2"}, {"chunks": 2}, {"chunks": 2, "tile_n": 64}, {"chunks": 4, "tile_n": 64}]
-HOPPER_WS_KNOBS = [{"tile_n": 128}, {"stages": 2}, {"stages": 8}]
+                   {"splits": "x2"}, {"splits": "x4"}]
 
 
 def matvec_reduce(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
@@ -92,10 +90,6 @@ def forms(bits: int, half: int | None, rows: int, k: int, n: int, smoke: bool) -
             knobs = _splits(knobs, k, n, group)
             label = "hopper_nk" + "".join(f" {a}={b}" for a, b in knobs.items())
             out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_matmul(x, q, s, z, interpret=smoke, **kn), "n")
-        for knobs in [{}, *HOPPER_WS_KNOBS] if n % 128 == 0 else []:
-            label = "hopper_ws" + "".join(f" {a}={b}" for a, b in knobs.items())
-            out[label] = (lambda x, q, s, z, kn=knobs: hopper_nk.quant_matmul_ws(x, q, s, z, interpret=smoke, **kn),
-                          "n")
     if hopper.supported(rows, k, n, group, half):
         base = hopper.choose_params(rows, k, n, group, half)
         for knobs in [{}, *HOPPER_KNOBS]:
@@ -112,7 +106,7 @@ def _splits(knobs: dict, k: int, n: int, group: int) -> dict:
     """knobs with splits "xF" resolved for hopper_nk: F times its default K split (a divisor of its steps)."""
     if not str(knobs.get("splits", "")).startswith("x"):
         return knobs
-    steps = k // (hopper.group_step(group) * knobs.get("chunks", 1))
+    steps = k // hopper.group_step(group)
     tile_n = knobs.get("tile_n", hopper_nk.choose_tile_n(k, n, group < k))
     want = int(knobs["splits"][1:]) * split_k(steps, n // tile_n)
     return {**knobs, "splits": max(d for d in range(1, steps + 1) if steps % d == 0 and d <= want)}
@@ -127,8 +121,9 @@ def run(args: argparse.Namespace, bw: float) -> list[dict]:
     results = []
     key = jax.random.key(0)
     budget = (args.budget_mib << 20) if not args.smoke else (1 << 20)
-    for name in args.shapes:
-        k, n = ALL_SHAPES[name]
+    extra = {f"{k}x{n}": (int(k), int(n)) for k, n in (kn.split("x") for kn in args.extra_shapes)}
+    for name in [*args.shapes, *extra]:
+        k, n = {**ALL_SHAPES, **extra}[name]
         if args.smoke:
             k, n = k // 16, n // 16 if name != "lm_head" else 512
         w = 0.02 * jax.random.normal(key, (k, n), jnp.float32)
@@ -179,12 +174,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=list(ALL_SHAPES), choices=list(ALL_SHAPES))
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[8, 4])
+    ap.add_argument("--extra-shapes", nargs="*", default=[], metavar="KxN",
+                    help="more [K, N] shapes (e.g. a sweep of K: a kernel's fixed cost against its cost per step)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x (decode batch)")
     ap.add_argument("--forms", nargs="+", default=None, help="only these forms ('hopper*': every hopper setting)")
     ap.add_argument("--budget-mib", type=int, default=1024, help="distinct weight copies per chain (> L2)")
     ap.add_argument("--smoke", action="store_true", help="a CPU check of the script: small shapes, interpreted")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     args.header, bw = run_header()
     run(args, bw)
     return 0

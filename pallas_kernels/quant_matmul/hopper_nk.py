@@ -2,7 +2,7 @@
 jnp.int4 q - 8), through Mosaic GPU: hopper.py's TMA pipeline with the transposed tile.
 
 A step's tile is [tile_n, tile_k] of W, already the warpgroup MMA's [M, K] side, against x's [rows, K] slice
-(rows padded to 8). On a GPU the tile goes from shared memory into registers in the MMA's operand layout
+(M rounded up to 8 rows: the TMA copy fills the rows past M with zeros). On a GPU the tile goes from shared memory into registers in the MMA's operand layout
 (`registers=True`: int8 through WGMMA_UPCAST_2X, int4 through _4X) and Mosaic GPU's own conversions make it
 bf16 there (int8: four instructions per two values, signed int4: three), with no bf16 copy in shared memory.
 Mosaic GPU's interpreter lacks the register-operand MMA, so tests interpret the shared-memory path and lower
@@ -61,67 +61,61 @@ def _operand(w_smem, scale_zero: list, buffer, int4: bool, upcast: plgpu.Layout)
 
 
 class _Plan(NamedTuple):
-    """What both kernels derive from the shapes: steps along K, x padded, shared-memory tiles."""
+    """What quant_matmul derives from the shapes: steps along K, x's rows, shared-memory tiles."""
     tile_k: int  # K per tile: one group's step (hopper.group_step)
     splits: int  # programs along K
     steps: int  # pipeline steps per program
     registers: bool  # the tile goes to the MMA from registers (a GPU), else through shared memory as bf16
-    xp: jax.Array  # x as bf16 [rows, K], rows padded to 8, 16, 32 or 64
+    rows: int  # x's rows as the MMA's N side: M rounded up to 8, 16, 32 or 64 (TMA fills the rest with zeros)
     w_transforms: tuple  # the weight tile's shared-memory tiling and swizzle (registers only)
     upcast: plgpu.Layout  # the layout the weight tile loads in (registers only)
     bf16_tiles: tuple  # bf16 [*, tile_k] operands' tiling and swizzle
 
 
-def _plan(name: str, x: jax.Array, w: jax.Array, scale: jax.Array, cta_n: int, chunks: int, splits: int | None,
-          registers: bool | None, interpret: bool) -> _Plan:
-    """_Plan for x [M, K] @ W [N, K] in programs of cta_n outputs, or a ValueError saying what does not fit."""
+def _plan(x: jax.Array, w: jax.Array, scale: jax.Array, tile_n: int, splits: int | None, registers: bool | None,
+          interpret: bool) -> _Plan:
+    """_Plan for x [M, K] @ W [N, K] in programs of tile_n outputs, or a ValueError saying what does not fit."""
     m, k = x.shape
     groups, n = scale.shape
     group = k // groups
-    if not supported(m, k, n, group) or n % cta_n:
-        raise ValueError(f"hopper_nk.{name} does not take M={m}, K={k}, N={n}, group {group}, {cta_n} outputs "
-                         f"per program")
+    if not supported(m, k, n, group) or n % tile_n:
+        raise ValueError(f"hopper_nk.quant_matmul does not take M={m}, K={k}, N={n}, group {group}, {tile_n} "
+                         f"outputs per program")
     tile_k = group_step(group)
-    if chunks < 1 or (k // tile_k) % chunks:
-        raise ValueError(f"chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} along K")
-    splits = splits or split_k(k // (tile_k * chunks), n // cta_n)
-    steps = k // (tile_k * chunks * splits)
-    if steps * tile_k * chunks * splits != k:
-        raise ValueError(f"splits {splits} x chunks {chunks} must divide the {k // tile_k} tiles of {tile_k} "
-                         f"along K")
+    splits = splits or split_k(k // tile_k, n // tile_n)
+    steps = k // (tile_k * splits)
+    if steps * tile_k * splits != k:
+        raise ValueError(f"splits {splits} must divide the {k // tile_k} tiles of {tile_k} along K")
     registers = not interpret if registers is None else registers
     if registers and interpret:
         raise ValueError("registers=True needs a GPU (the interpreter has no register-operand MMA)")
-    rows = max(8, 1 << (m - 1).bit_length())
-    int4 = w.dtype == jnp.int4
-    row_bytes = tile_k // 2 if int4 else tile_k
+    row_bytes = tile_k // 2 if w.dtype == jnp.int4 else tile_k
     return _Plan(
-        tile_k, splits, steps, registers, jnp.pad(x.astype(jnp.bfloat16), ((0, rows - m), (0, 0))),
+        tile_k, splits, steps, registers, max(8, 1 << (m - 1).bit_length()),
         (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(min(128, row_bytes))) if registers else (),
-        plgpu.Layout.WGMMA_UPCAST_4X if int4 else plgpu.Layout.WGMMA_UPCAST_2X,
+        plgpu.Layout.WGMMA_UPCAST_4X if w.dtype == jnp.int4 else plgpu.Layout.WGMMA_UPCAST_2X,
         (plgpu.TilingTransform((8, min(64, tile_k))), plgpu.SwizzleTransform(2 * min(64, tile_k))))
 
 
-@functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "chunks", "registers", "piped_scales",
+@functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "registers", "piped_scales",
                                              "interpret"))
 def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
-                 tile_n: int | None = None, stages: int = 4, splits: int | None = None, chunks: int = 1,
+                 tile_n: int | None = None, stages: int = 4, splits: int | None = None,
                  registers: bool | None = None, piped_scales: bool = True, interpret: bool = False) -> jax.Array:
     """reference.quant_matmul(..., nk=True) (float32 [M, N]) for M <= MAX_ROWS and supported shapes: x
     [M, K] @ W with W stored [N, K] (int8, or jnp.int4 q - 8), scale (zero) [G, N]. `registers` (default on
     a GPU): the converted tile goes to the MMA from registers. `piped_scales`: a step's group scales (and
     zeros) arrive by TMA with its tile (the [K, N] kernel's int4 at 8-64 rows: 12-24% faster that way).
-    `chunks`: tiles of K per pipeline step, converted and multiplied before the step's one wait."""
+    x is read as it is: the TMA copies fill its rows past M with zeros (no padded copy of x)."""
     m, k = x.shape
     groups, n = scale.shape
     group = k // groups
     int4 = w.dtype == jnp.int4
     tile_n = tile_n or choose_tile_n(k, n, int4)
-    tile_k, splits, steps, registers, xp, w_transforms, upcast, bf16_tiles = _plan(
-        "quant_matmul", x, w, scale, tile_n, chunks, splits, registers, interpret)
+    tile_k, splits, steps, registers, rows, w_transforms, upcast, bf16_tiles = _plan(
+        x, w, scale, tile_n, splits, registers, interpret)
     per_group = int4 or groups > 1
     piped = piped_scales and per_group
-    rows = xp.shape[0]
     vector = plgpu.Layout.WGMMA.reduce(1)  # one value per output row of the tile
 
     def kernel(x_gmem, w_gmem, s_gmem, *refs):
@@ -132,37 +126,25 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
         gmem_groups = [r for r in (s_gmem, z_gmem) if r is not None]
         group_refs = gmem_groups if piped else []
 
-        def group_of(ki, c):
-            return ((split * steps + ki) * chunks + c) * tile_k // group
+        def group_of(ki):
+            return (split * steps + ki) * tile_k // group
 
         def accumulate(acc):
-            def step(idx, *smems):
-                w_smems, x_smems = smems[:chunks], smems[chunks:2 * chunks]
-                group_smems = smems[2 * chunks:]
-                for c, (w_smem, x_smem) in enumerate(zip(w_smems, x_smems)):
-                    at = []
-                    if per_group:  # the tile's group: its scale (and zero) per output row
-                        at = [r.at[0] for r in group_smems[c * len(group_refs):(c + 1) * len(group_refs)]
-                              ] if piped else [r.at[group_of(idx[0], c), cols] for r in gmem_groups]
-                    # (one bf16 buffer off registers: each tile's MMA done before the next is written)
-                    a = _operand(w_smem, at, wb_smem[0] if wb_smem else None, int4, upcast)
-                    plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, tile_k] @ [tile_k, rows]
-                    if not registers:
-                        plgpu.wgmma_wait(0)
+            def step(idx, w_smem, x_smem, *group_smems):
+                at = []
+                if per_group:  # the tile's group: its scale (and zero) per output row
+                    at = [r.at[0] for r in group_smems] if piped else [r.at[group_of(idx[0]), cols]
+                                                                        for r in gmem_groups]
+                a = _operand(w_smem, at, wb_smem[0] if wb_smem else None, int4, upcast)
+                plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, tile_k] @ [tile_k, rows]
                 plgpu.wgmma_wait(0)
 
-            def at_tile(c):
-                return lambda ki: (split * steps + ki) * chunks + c
-
-            w_specs = [plgpu.BlockSpec((tile_n, tile_k), lambda ki, c=c: (j, at_tile(c)(ki)), transforms=w_transforms)
-                       for c in range(chunks)]
-            x_specs = [plgpu.BlockSpec((rows, tile_k), lambda ki, c=c: (0, at_tile(c)(ki)), transforms=bf16_tiles)
-                       for c in range(chunks)]
-            group_specs = [plgpu.BlockSpec((1, tile_n), lambda ki, c=c: (group_of(ki, c), j))
-                           for c in range(chunks) for _ in group_refs]
             plgpu.emit_pipeline(
-                step, grid=(steps,), in_specs=[*w_specs, *x_specs, *group_specs], max_concurrent_steps=stages,
-            )(*[w_gmem] * chunks, *[x_gmem] * chunks, *[r for _ in range(chunks) for r in group_refs])
+                step, grid=(steps,), max_concurrent_steps=stages, in_specs=[
+                    plgpu.BlockSpec((tile_n, tile_k), lambda ki: (j, split * steps + ki), transforms=w_transforms),
+                    plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=bf16_tiles),
+                    *[plgpu.BlockSpec((1, tile_n), lambda ki: (group_of(ki), j))] * len(group_refs)],
+            )(w_gmem, x_gmem, *group_refs)
             return acc[...]
 
         res = pl.run_scoped(accumulate, plgpu.ACC((tile_n, rows), jnp.float32))  # outputs down, x's rows across
@@ -171,84 +153,16 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
                                                  res.shape, (0,))
         o_gmem[pl.ds(split * n + j * tile_n, tile_n), :] = res
 
-    args = [xp, w, scale.astype(jnp.float32)] + ([] if zero is None else [zero.astype(jnp.float32)])
+    args = [x.astype(jnp.bfloat16), w, scale.astype(jnp.float32)] + (
+        [] if zero is None else [zero.astype(jnp.float32)])
     scratch = [] if registers else [plgpu.SMEM((tile_n, tile_k), jnp.bfloat16, transforms=bf16_tiles)]
     partial = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32), scratch_types=scratch,
         grid=(n // tile_n, splits), grid_names=("strip", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=False),
-        kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k * chunks}_s{splits}" + "_reg" * registers,
+        kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers,
         interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
     return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
 
 
-@functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "registers", "interpret"))
-def quant_matmul_ws(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
-                    tile_n: int = 64, stages: int = 4, splits: int | None = None, registers: bool | None = None,
-                    interpret: bool = False) -> jax.Array:
-    """quant_matmul warp-specialised (a candidate, not yet measured on a GPU): per program one warpgroup issues
-    the TMA copies (weights [2 tile_n, tile_k], x, scales and zeros) and two compute warpgroups each convert
-    and multiply their [tile_n, tile_k] half of every tile, so a program keeps two conversion-MMA chains going
-    while its loads run ahead. Same arguments, layouts and result as quant_matmul."""
-    m, k = x.shape
-    groups, n = scale.shape
-    group = k // groups
-    int4 = w.dtype == jnp.int4
-    cta_n = 2 * tile_n
-    tile_k, splits, steps, registers, xp, w_transforms, upcast, bf16_tiles = _plan(
-        "quant_matmul_ws", x, w, scale, cta_n, 1, splits, registers, interpret)
-    per_group = int4 or groups > 1
-    rows = xp.shape[0]
-    vector = plgpu.Layout.WGMMA.reduce(1)
-
-    def kernel(x_gmem, w_gmem, s_gmem, *refs):
-        z_gmem = refs[0] if zero is not None else None
-        o_gmem, *wb_smem = refs[len(refs) - 1 - (0 if registers else 1):]
-        wg, j, split = jax.lax.axis_index("wg"), jax.lax.axis_index("strip"), jax.lax.axis_index("split")
-        half = pl.ds(wg * tile_n, tile_n)  # this compute warpgroup's rows of the program's tile
-        group_refs = [r for r in (s_gmem, z_gmem) if r is not None] if per_group else []
-
-        def compute_context(run_pipeline):
-            def scope(acc_ref):
-                run_pipeline(acc_ref)
-                res = acc_ref[...]
-                out_rows = pl.ds(j * cta_n + wg * tile_n, tile_n)
-                if not per_group:
-                    res = res * jax.lax.broadcast_in_dim(
-                        plgpu.load(s_gmem.at[0, out_rows], layout=vector, optimized=False), res.shape, (0,))
-                o_gmem[pl.ds(split * n + j * cta_n + wg * tile_n, tile_n), :] = res
-
-            pl.run_scoped(scope, plgpu.ACC((tile_n, rows), jnp.float32))
-
-        def step(idx, w_smem, x_smem, *rest):
-            *group_smems, acc_ref = rest
-            # the step's group: its scale (and zero) per row of this warpgroup's half
-            a = _operand(w_smem.at[half], [r.at[0, half] for r in group_smems],
-                         wb_smem[0].at[wg] if wb_smem else None, int4, upcast)
-            plgpu.wgmma(acc_ref, a, x_smem.T)
-            plgpu.wgmma_wait(0)
-            return acc_ref
-
-        def group_of(ki):
-            return (split * steps + ki) * tile_k // group
-
-        plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            max_concurrent_steps=stages, compute_context=compute_context,
-            in_specs=[plgpu.BlockSpec((cta_n, tile_k), lambda ki: (j, split * steps + ki), transforms=w_transforms),
-                      plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=bf16_tiles),
-                      *[plgpu.BlockSpec((1, cta_n), lambda ki: (group_of(ki), j))] * len(group_refs)],
-        )(w_gmem, x_gmem, *group_refs)
-
-    args = [xp, w, scale.astype(jnp.float32)] + ([] if zero is None else [zero.astype(jnp.float32)])
-    scratch = [] if registers else [plgpu.SMEM((2, tile_n, tile_k), jnp.bfloat16, transforms=bf16_tiles)]
-    partial = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32), scratch_types=scratch,
-        grid=(n // cta_n, splits), grid_names=("strip", "split"), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=False),
-        kernel_name=f"quant_matmul_ws_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers,
-        interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
-    return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
-
-
-__all__ = ["choose_tile_n", "quant_matmul", "quant_matmul_ws", "supported"]
+__all__ = ["choose_tile_n", "quant_matmul", "supported"]
