@@ -236,6 +236,24 @@ def test_hopper_kernel_matches_the_oracle(m, k, n, bits, groups, layout, knobs):
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("m,k,ns,bits,groups", [
+    (1, 512, (256, 128, 128), 4, 4),  # q/k/v-like int4 with zeros: three matrices, strips of 64
+    (3, 256, (128, 128), 8, 1),       # gate/up-like int8, one scale per channel
+    (9, 256, (192, 64), 8, 2),        # int8 in groups of 128, rows read as 16
+])
+def test_hopper_nk_many_matches_the_oracle(m, k, ns, bits, groups):
+    """hopper_nk.quant_matmul_many (one kernel call over several matrices) in Mosaic GPU's interpreter: each
+    output against its own matrix's oracle (distinct weights of equal shapes, one x)."""
+    x = make(m, k, ns[0], bits, groups, jnp.bfloat16, seed=m)[0]
+    layers = [make(m, k, n, bits, groups, jnp.bfloat16, seed=100 * i + m)[2:] for i, n in enumerate(ns)]
+    outs = hopper_nk.quant_matmul_many(x, tuple((to_nk(q, half), s, z) for half, (q, s, z) in layers),
+                                       interpret=True)
+    for got, (half, (q, s, z)) in zip(outs, layers):
+        want = reference.quant_matmul(x, q, s, z, half)
+        assert got.shape == want.shape and not bool(jnp.isnan(got).any())
+        assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 1e-2
+
+
 def test_hopper_kernel_rejects_what_it_cannot_tile():
     x, _, half, (q, scale, zero) = make(2, 256, 96, 4, 8, jnp.bfloat16, seed=1)  # half-blocks of 16, groups of 32
     assert not hopper.supported(2, 256, 96, 32, half) and not hopper.supported(65, 256, 128, 256, None)
@@ -332,6 +350,24 @@ def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
     kernel = m > 1 or (k * n >= quant_matmul.ROW_KERNEL_INT4 if bits == 4 else n > quant_matmul.ROW_MAX_N or k > n)
     assert ("quant_matmul_hopper_nk" in layer) == kernel
     assert ("_reg" in layer) == kernel
+
+
+@pytest.mark.parametrize("m,ns,bits,groups,calls", [
+    (1, (14336, 14336), 4, 32, "_x2"),        # int4 gate/up at one row: both through the kernel, one call
+    (1, (4096, 1024, 1024), 4, 32, None),     # int4 q/k/v at one row: the row reduction, apart
+    (8, (4096, 1024, 1024), 8, 1, "_x3"),     # int8 q/k/v at 8 rows: one call
+    (64, (14336, 14336), 4, 32, "_x2"),       # int4 gate/up at 64 rows (fits the H100's shared memory)
+])
+def test_nk_layers_share_one_kernel_call_on_hopper(m, ns, bits, groups, calls, monkeypatch):
+    """quant_linear_many in the nk layout on a Hopper GPU: q/k/v or gate/up in one hopper_nk call when each
+    would run that kernel alone (lowered for an H100 on CPU)."""
+    monkeypatch.setattr(quant_matmul, "_is_hopper", lambda backend: True)
+    x = abstract_layer(m, 4096, ns[0], bits, groups, nk=True)[0]
+    mats = [abstract_layer(m, 4096, n, bits, groups, nk=True)[1:4] for n in ns]
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        text = jax.jit(lambda x, mats: quant_linear_many(x, list(mats), None, jnp.bfloat16, "pallas-gpu", nk=True)
+                       ).trace(x, tuple(mats)).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("_reg_x" in text) == (calls is not None) and (calls is None or f"_reg{calls}" in text)
 
 
 @pytest.mark.parametrize("m,k,n,bits,groups,dtype", [

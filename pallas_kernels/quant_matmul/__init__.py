@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import cpu, gpu, hopper, hopper_nk, tpu
+from pallas_kernels.quant_matmul import cpu, gpu, hopper, hopper_nk, reference, tpu
 from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, to_nk, unpack_int4
 from pallas_kernels.quant_matmul.xla import row_matmul
 
@@ -57,14 +57,23 @@ def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
 def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, dtype,
                      backend: str) -> jax.Array:
     m, k = x.shape
+    route = _nk_route(m, k, w, scale, dtype, backend)
+    if route == "row":
+        return row_matmul(x, w, scale, zero).astype(dtype)
+    if route == "kernel":
+        return hopper_nk.quant_matmul(x, w, scale, zero).astype(dtype)
+    return _xla_matmul(x, w, scale, zero, None, dtype, nk=True)
+
+
+def _nk_route(m: int, k: int, w: jax.Array, scale: jax.Array, dtype, backend: str) -> str:
+    """Where x [M, K] @ W (nk layout) runs: "row" (XLA's row reduction), "kernel" (hopper_nk.py on an
+    H100/H200: 2-64 rows, and one row of the layers it reads faster, `_row_kernel`) or "xla" (XLA's dot)."""
     groups, n = scale.shape
     kernel = (backend in KERNEL_BACKENDS and jnp.dtype(dtype) == jnp.bfloat16 and _is_hopper(backend)
               and hopper_nk.supported(m, k, n, k // groups))
     if m <= ROW_MAX_ROWS and not (kernel and _row_kernel(k, n, w.dtype == jnp.int4)):
-        return row_matmul(x, w, scale, zero).astype(dtype)
-    if kernel:
-        return hopper_nk.quant_matmul(x, w, scale, zero).astype(dtype)
-    return _xla_matmul(x, w, scale, zero, None, dtype, nk=True)
+        return "row"
+    return "kernel" if kernel else "xla"
 
 
 def _row_kernel(k: int, n: int, int4: bool) -> bool:
@@ -93,12 +102,17 @@ def _is_hopper(backend: str) -> bool:
 def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, backend: str,
                       nk: bool = False) -> list[jax.Array]:
     """quant_linear of one x by several (w, scale, zero) (a layer's q/k/v, or gate/up): on a GPU backend one
-    kernel call for all of them when they tile alike (gpu.quant_matmul_many), otherwise one call each."""
+    kernel call for all of them when they tile alike (gpu.quant_matmul_many; in the nk layout on an
+    H100/H200 hopper_nk.quant_matmul_many, when each would run that kernel alone), otherwise one call each."""
     m, k = x.shape
     if backend in KERNEL_BACKENDS and len(mats) > 1 and not nk and gpu.supported_many(m, k, mats, half):
         outs = gpu.quant_matmul_many(x.astype(dtype), tuple(mats), half=half, interpret=KERNEL_BACKENDS[backend])
         return [y.astype(dtype) for y in outs]
+    if (nk and len(mats) > 1 and all(_nk_route(m, k, w, s, dtype, backend) == "kernel" for w, s, _ in mats)
+            and reference.alike(mats)):
+        return [y.astype(dtype) for y in hopper_nk.quant_matmul_many(x, tuple(mats))]
     return [quant_linear(x, w, scale, zero, half, dtype, backend, nk) for w, scale, zero in mats]
+
 
 
 def int8_dot_two_level(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:

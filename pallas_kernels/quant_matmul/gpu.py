@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.quant_matmul.reference import alike
+
 MAX_ROWS = 64  # beyond this a matmul is no longer a weight read: the caller uses XLA's dequantize + dot
 # Several matrices in one call: each branch of the kernel gets its own pipelining buffers in shared memory,
 # so wide tiles run out of it (q/k/v at 64 rows asked an H200 for 240 KB of its 227); 16 rows ran.
@@ -206,9 +208,9 @@ def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array |
 def supported_many(rows: int, k: int, mats: list[tuple], half: int | None) -> bool:
     """Whether one call takes these matrices together: the same K, groups, dtype and zeros, and a column strip
     width that divides every N."""
-    (w0, s0, z0), ns = mats[0], [s.shape[1] for _, s, _ in mats]
-    same = all(w.dtype == w0.dtype and s.shape[0] == s0.shape[0] and (z is None) == (z0 is None) for w, s, z in mats)
-    return same and rows <= MANY_MAX_ROWS and supported(rows, k, math.gcd(*ns), k // s0.shape[0], half)
+    ns = [s.shape[1] for _, s, _ in mats]
+    return alike(mats) and rows <= MANY_MAX_ROWS and supported(rows, k, math.gcd(*ns), k // mats[0][1].shape[0],
+                                                               half)
 
 
 @functools.partial(jax.jit, static_argnames=("half", "block_k", "block_n", "num_splits", "num_warps", "num_stages",

@@ -72,97 +72,129 @@ class _Plan(NamedTuple):
     bf16_tiles: tuple  # bf16 [*, tile_k] operands' tiling and swizzle
 
 
-def _plan(x: jax.Array, w: jax.Array, scale: jax.Array, tile_n: int, splits: int | None, registers: bool | None,
+def _plan(x: jax.Array, mats: tuple, tile_n: int, splits: int | None, registers: bool | None,
           interpret: bool) -> _Plan:
-    """_Plan for x [M, K] @ W [N, K] in programs of tile_n outputs, or a ValueError saying what does not fit."""
+    """_Plan for x [M, K] @ each W [N_i, K] of `mats` in programs of tile_n outputs, or a ValueError saying
+    what does not fit."""
     m, k = x.shape
-    groups, n = scale.shape
+    w0, s0, z0 = mats[0]
+    groups, ns = s0.shape[0], [s.shape[1] for _, s, _ in mats]
     group = k // groups
-    if not supported(m, k, n, group) or n % tile_n:
-        raise ValueError(f"hopper_nk.quant_matmul does not take M={m}, K={k}, N={n}, group {group}, {tile_n} "
-                         f"outputs per program")
+    for w, s, z in mats:
+        if w.dtype != w0.dtype or w.shape != (s.shape[1], k) or s.shape[0] != groups or (z is None) != (z0 is None):
+            raise ValueError("hopper_nk.quant_matmul_many's matrices need the same K, groups, dtype and zeros")
+        if not supported(m, k, s.shape[1], group) or s.shape[1] % tile_n:
+            raise ValueError(f"hopper_nk.quant_matmul does not take M={m}, K={k}, N={s.shape[1]}, group {group}, "
+                             f"{tile_n} outputs per program")
     tile_k = group_step(group)
-    splits = splits or split_k(k // tile_k, n // tile_n)
+    splits = splits or split_k(k // tile_k, sum(ns) // tile_n)
     steps = k // (tile_k * splits)
     if steps * tile_k * splits != k:
         raise ValueError(f"splits {splits} must divide the {k // tile_k} tiles of {tile_k} along K")
     registers = not interpret if registers is None else registers
     if registers and interpret:
         raise ValueError("registers=True needs a GPU (the interpreter has no register-operand MMA)")
-    row_bytes = tile_k // 2 if w.dtype == jnp.int4 else tile_k
+    row_bytes = tile_k // 2 if w0.dtype == jnp.int4 else tile_k
     return _Plan(
         tile_k, splits, steps, registers, max(8, 1 << (m - 1).bit_length()),
         (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(min(128, row_bytes))) if registers else (),
-        plgpu.Layout.WGMMA_UPCAST_4X if w.dtype == jnp.int4 else plgpu.Layout.WGMMA_UPCAST_2X,
+        plgpu.Layout.WGMMA_UPCAST_4X if w0.dtype == jnp.int4 else plgpu.Layout.WGMMA_UPCAST_2X,
         (plgpu.TilingTransform((8, min(64, tile_k))), plgpu.SwizzleTransform(2 * min(64, tile_k))))
+
+
+def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, **knobs
+                 ) -> jax.Array:
+    """reference.quant_matmul(..., nk=True) (float32 [M, N]) for M <= MAX_ROWS and supported shapes: x
+    [M, K] @ W with W stored [N, K] (int8, or jnp.int4 q - 8), scale (zero) [G, N]; knobs as
+    quant_matmul_many's."""
+    return quant_matmul_many(x, ((w, scale, zero),), **knobs)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("tile_n", "stages", "splits", "registers", "piped_scales",
                                              "interpret"))
-def quant_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, *,
-                 tile_n: int | None = None, stages: int = 4, splits: int | None = None,
-                 registers: bool | None = None, piped_scales: bool = True, interpret: bool = False) -> jax.Array:
-    """reference.quant_matmul(..., nk=True) (float32 [M, N]) for M <= MAX_ROWS and supported shapes: x
-    [M, K] @ W with W stored [N, K] (int8, or jnp.int4 q - 8), scale (zero) [G, N]. `registers` (default on
-    a GPU): the converted tile goes to the MMA from registers. `piped_scales`: a step's group scales (and
-    zeros) arrive by TMA with its tile (the [K, N] kernel's int4 at 8-64 rows: 12-24% faster that way).
-    x is read as it is: the TMA copies fill its rows past M with zeros (no padded copy of x)."""
+def quant_matmul_many(x: jax.Array, mats: tuple, *, tile_n: int | None = None, stages: int = 4,
+                      splits: int | None = None, registers: bool | None = None, piped_scales: bool = True,
+                      interpret: bool = False) -> list[jax.Array]:
+    """x [M, K] times each (w, scale, zero) of `mats` (nk layout; the same K, groups and dtype) in one kernel:
+    its grid covers every matrix's strips of tile_n outputs, and a program reads only its own matrix (q/k/v
+    or gate/up: one launch and one sum of the K splits) -> float32 [M, N_i]. `registers` (default on a GPU):
+    the converted tile goes to the MMA from registers. `piped_scales`: a step's group scales (and zeros)
+    arrive by TMA with its tile (the [K, N] kernel's int4 at 8-64 rows: 12-24% faster that way). x is read
+    as it is: the TMA copies fill its rows past M with zeros (no padded copy of x)."""
     m, k = x.shape
-    groups, n = scale.shape
+    w0, scale0, zero0 = mats[0]
+    groups, ns = scale0.shape[0], [s.shape[1] for _, s, _ in mats]
     group = k // groups
-    int4 = w.dtype == jnp.int4
-    tile_n = tile_n or choose_tile_n(k, n, int4)
+    int4 = w0.dtype == jnp.int4
+    tile_n = tile_n or min(choose_tile_n(k, n, int4) for n in ns)
     tile_k, splits, steps, registers, rows, w_transforms, upcast, bf16_tiles = _plan(
-        x, w, scale, tile_n, splits, registers, interpret)
+        x, mats, tile_n, splits, registers, interpret)
     per_group = int4 or groups > 1
     piped = piped_scales and per_group
     vector = plgpu.Layout.WGMMA.reduce(1)  # one value per output row of the tile
+    zeros = zero0 is not None
+    firsts = [sum(ns[:i]) // tile_n for i in range(len(ns))]  # each matrix's first strip in the grid
+    total = sum(ns)
 
-    def kernel(x_gmem, w_gmem, s_gmem, *refs):
-        z_gmem = refs[0] if zero is not None else None
-        o_gmem, *wb_smem = refs[len(refs) - 1 - (0 if registers else 1):]
+    def kernel(x_gmem, *refs):
+        o_gmem, *wb_smem = refs[len(mats) * (2 + zeros):]
         j, split = jax.lax.axis_index("strip"), jax.lax.axis_index("split")
-        cols = pl.ds(j * tile_n, tile_n)
-        gmem_groups = [r for r in (s_gmem, z_gmem) if r is not None]
-        group_refs = gmem_groups if piped else []
 
-        def group_of(ki):
-            return (split * steps + ki) * tile_k // group
+        def matrix(i: int, w_gmem, s_gmem, z_gmem=None):
+            strip = j - firsts[i]  # this program's strip of matrix i
+            cols = pl.ds(strip * tile_n, tile_n)
+            gmem_groups = [r for r in (s_gmem, z_gmem) if r is not None]
+            group_refs = gmem_groups if piped else []
 
-        def accumulate(acc):
-            def step(idx, w_smem, x_smem, *group_smems):
-                at = []
-                if per_group:  # the tile's group: its scale (and zero) per output row
-                    at = [r.at[0] for r in group_smems] if piped else [r.at[group_of(idx[0]), cols]
-                                                                        for r in gmem_groups]
-                a = _operand(w_smem, at, wb_smem[0] if wb_smem else None, int4, upcast)
-                plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, tile_k] @ [tile_k, rows]
-                plgpu.wgmma_wait(0)
+            def group_of(ki):
+                return (split * steps + ki) * tile_k // group
 
-            plgpu.emit_pipeline(
-                step, grid=(steps,), max_concurrent_steps=stages, in_specs=[
-                    plgpu.BlockSpec((tile_n, tile_k), lambda ki: (j, split * steps + ki), transforms=w_transforms),
-                    plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=bf16_tiles),
-                    *[plgpu.BlockSpec((1, tile_n), lambda ki: (group_of(ki), j))] * len(group_refs)],
-            )(w_gmem, x_gmem, *group_refs)
-            return acc[...]
+            def accumulate(acc):
+                def step(idx, w_smem, x_smem, *group_smems):
+                    at = []
+                    if per_group:  # the tile's group: its scale (and zero) per output row
+                        at = [r.at[0] for r in group_smems] if piped else [r.at[group_of(idx[0]), cols]
+                                                                            for r in gmem_groups]
+                    a = _operand(w_smem, at, wb_smem[0] if wb_smem else None, int4, upcast)
+                    plgpu.wgmma(acc, a, x_smem.T)  # [tile_n, tile_k] @ [tile_k, rows]
+                    plgpu.wgmma_wait(0)
 
-        res = pl.run_scoped(accumulate, plgpu.ACC((tile_n, rows), jnp.float32))  # outputs down, x's rows across
-        if not per_group:
-            res = res * jax.lax.broadcast_in_dim(plgpu.load(s_gmem.at[0, cols], layout=vector, optimized=False),
-                                                 res.shape, (0,))
-        o_gmem[pl.ds(split * n + j * tile_n, tile_n), :] = res
+                plgpu.emit_pipeline(
+                    step, grid=(steps,), max_concurrent_steps=stages, in_specs=[
+                        plgpu.BlockSpec((tile_n, tile_k), lambda ki: (strip, split * steps + ki),
+                                        transforms=w_transforms),
+                        plgpu.BlockSpec((rows, tile_k), lambda ki: (0, split * steps + ki), transforms=bf16_tiles),
+                        *[plgpu.BlockSpec((1, tile_n), lambda ki: (group_of(ki), strip))] * len(group_refs)],
+                )(w_gmem, x_gmem, *group_refs)
+                return acc[...]
 
-    args = [x.astype(jnp.bfloat16), w, scale.astype(jnp.float32)] + (
-        [] if zero is None else [zero.astype(jnp.float32)])
+            res = pl.run_scoped(accumulate, plgpu.ACC((tile_n, rows), jnp.float32))  # outputs down, x's rows across
+            if not per_group:
+                res = res * jax.lax.broadcast_in_dim(plgpu.load(s_gmem.at[0, cols], layout=vector, optimized=False),
+                                                     res.shape, (0,))
+            o_gmem[pl.ds(split * total + j * tile_n, tile_n), :] = res
+
+        per = 2 + zeros
+        for i in range(len(mats)):
+            if len(mats) == 1:
+                matrix(0, *refs[:per])
+            else:
+                pl.when((j >= firsts[i]) & (j < firsts[i] + ns[i] // tile_n))(
+                    functools.partial(matrix, i, *refs[i * per:(i + 1) * per]))
+
+    args = [x.astype(jnp.bfloat16)]
+    for w, s, z in mats:
+        args += [w, s.astype(jnp.float32)] + ([z.astype(jnp.float32)] if zeros else [])
     scratch = [] if registers else [plgpu.SMEM((tile_n, tile_k), jnp.bfloat16, transforms=bf16_tiles)]
     partial = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((splits * n, rows), jnp.float32), scratch_types=scratch,
-        grid=(n // tile_n, splits), grid_names=("strip", "split"),
+        kernel, out_type=jax.ShapeDtypeStruct((splits * total, rows), jnp.float32), scratch_types=scratch,
+        grid=(total // tile_n, splits), grid_names=("strip", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=False),
-        kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers,
+        kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers
+        + f"_x{len(mats)}" * (len(mats) > 1),
         interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
-    return partial.reshape(splits, n, rows).sum(axis=0).T[:m]
+    out = partial.reshape(splits, total, rows).sum(axis=0).T[:m]  # [M, sum N_i]
+    return [out[:, first * tile_n:first * tile_n + n] for first, n in zip(firsts, ns)]
 
 
-__all__ = ["choose_tile_n", "quant_matmul", "supported"]
+__all__ = ["choose_tile_n", "quant_matmul", "quant_matmul_many", "supported"]

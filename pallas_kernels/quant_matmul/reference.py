@@ -68,6 +68,13 @@ def checked_shapes(name: str, x: jax.Array, w: jax.Array, scale: jax.Array, half
     return m, k, n, k // groups, int4
 
 
+def alike(mats) -> bool:
+    """Whether the (w, scale, zero) matrices share dtype, groups and zeros: what one kernel call over several
+    matrices (a layer's q/k/v or gate/up) needs besides a common K."""
+    w0, s0, z0 = mats[0]
+    return all(w.dtype == w0.dtype and s.shape[0] == s0.shape[0] and (z is None) == (z0 is None) for w, s, z in mats)
+
+
 def dequantize(w: jax.Array, scale: jax.Array, zero: jax.Array | None = None, half: int | None = None,
                dtype=jnp.float32, nk: bool = False) -> jax.Array:
     """The float weight [K, N] in `dtype` from its stored form (int8 [K, N], or int4 packed [K, N // 2] with
