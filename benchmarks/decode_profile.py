@@ -37,7 +37,8 @@ from pallas_kernels.quant_matmul import gpu
 CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("int8", False), "int4": ("int4", True)}
 # suffix -> the switches it sets while the config loads and runs
 VARIANTS = {
-    "-apart": [(gpu, "supported_many", lambda *a: False)],  # q/k/v, gate/up as separate kernel calls
+    "-apart": [(gpu, "supported_many", lambda *a: False),  # q/k/v, gate/up as separate kernel calls
+               (quant_matmul.reference, "alike", lambda mats: False)],  # (the nk layout's too)
     "-triton": [(quant_matmul, "HOPPER_MIN_ROWS", 10 ** 9)],  # int4 at 17-64 rows in gpu.py's kernel too
     "-kn": [(weights, "_quant_layout", lambda *a: "kn")],  # the [in, out] layout on a Hopper GPU too
 }
