@@ -331,6 +331,10 @@ def test_hopper_nk_kernel_rejects_what_it_cannot_take():
     x, _, half, (q, scale, zero) = make(2, 256, 128, 4, 2, jnp.bfloat16, seed=4)
     with pytest.raises(ValueError, match="registers=True needs a GPU"):
         hopper_nk.quant_matmul(x, to_nk(q, half), scale, zero, registers=True, interpret=True)
+    _, _, _, (q8, scale8, _) = make(2, 256, 128, 8, 2, jnp.bfloat16, seed=5)  # int8 beside int4: two calls
+    with pytest.raises(ValueError, match="same K, groups, dtype and zeros"):
+        hopper_nk.quant_matmul_many(x, ((to_nk(q, half), scale, zero), (to_nk(q8, None), scale8, None)),
+                                    interpret=True)
 
 
 @pytest.mark.parametrize("m,k,n,bits,groups", [(8, 4096, 14336, 8, 1), (64, 14336, 4096, 8, 1),

@@ -114,7 +114,6 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
     return [quant_linear(x, w, scale, zero, half, dtype, backend, nk) for w, scale, zero in mats]
 
 
-
 def int8_dot_two_level(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     """x [M, K] @ (int8 W [K, N] * scale [1, N]) -> float32 [M, N] through an int8 x int8 -> int32 dot, which
     XLA's CPU backend runs 1.4-1.8x faster than a float32 dot at decode sizes (it materializes a converted W

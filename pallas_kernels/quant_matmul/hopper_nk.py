@@ -22,6 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.quant_matmul.gpu import split_k
 from pallas_kernels.quant_matmul.hopper import MAX_ROWS, group_step
+from pallas_kernels.quant_matmul.reference import alike
 
 
 def supported(rows: int, k: int, n: int, group: int) -> bool:
@@ -77,12 +78,12 @@ def _plan(x: jax.Array, mats: tuple, tile_n: int, splits: int | None, registers:
     """_Plan for x [M, K] @ each W [N_i, K] of `mats` in programs of tile_n outputs, or a ValueError saying
     what does not fit."""
     m, k = x.shape
-    w0, s0, z0 = mats[0]
+    w0, s0, _ = mats[0]
     groups, ns = s0.shape[0], [s.shape[1] for _, s, _ in mats]
     group = k // groups
-    for w, s, z in mats:
-        if w.dtype != w0.dtype or w.shape != (s.shape[1], k) or s.shape[0] != groups or (z is None) != (z0 is None):
-            raise ValueError("hopper_nk.quant_matmul_many's matrices need the same K, groups, dtype and zeros")
+    if not alike(mats) or any(w.shape != (s.shape[1], k) for w, s, _ in mats):
+        raise ValueError("hopper_nk.quant_matmul_many's matrices need the same K, groups, dtype and zeros")
+    for _, s, _ in mats:
         if not supported(m, k, s.shape[1], group) or s.shape[1] % tile_n:
             raise ValueError(f"hopper_nk.quant_matmul does not take M={m}, K={k}, N={s.shape[1]}, group {group}, "
                              f"{tile_n} outputs per program")
