@@ -175,13 +175,12 @@ def quant_matmul_many(x: jax.Array, mats: tuple, *, tile_n: int | None = None, s
                                                      res.shape, (0,))
             o_gmem[pl.ds(split * total + j * tile_n, tile_n), :] = res
 
-        per = 2 + zeros
-        for i in range(len(mats)):
-            if len(mats) == 1:
-                matrix(0, *refs[:per])
-            else:
-                pl.when((j >= firsts[i]) & (j < firsts[i] + ns[i] // tile_n))(
-                    functools.partial(matrix, i, *refs[i * per:(i + 1) * per]))
+        per = 2 + zeros  # refs per matrix: w, scale (, zero)
+        if len(mats) == 1:
+            return matrix(0, *refs[:per])
+        for i in range(len(mats)):  # the program's strip falls in one matrix's range
+            pl.when((j >= firsts[i]) & (j < firsts[i] + ns[i] // tile_n))(
+                functools.partial(matrix, i, *refs[i * per:(i + 1) * per]))
 
     args = [x.astype(jnp.bfloat16)]
     for w, s, z in mats:
