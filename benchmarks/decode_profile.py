@@ -1,7 +1,7 @@
 """Decode of the 8B shape on one GPU: is a step bound by the device or by the host launching it?
 
     PYTHONPATH=. python benchmarks/decode_profile.py [--configs bf16 int8 int4] [--batch 1] [--pointers]
-        [--fresh-buffers] [--tokens 64] [--max-num-seqs N --kv-pages N --max-model-len N
+        [--fresh-buffers] [--hlo] [--tokens 64] [--max-num-seqs N --kv-pages N --max-model-len N
         --max-num-batched-tokens N] [--out DIR]
 
 Per weight configuration (random weights, quantized at load, the LM head as its label says): the wall time per
@@ -69,6 +69,8 @@ def profile_config(label: str, args: argparse.Namespace, shown: str | None = Non
         return time.perf_counter() - t
 
     run()
+    if args.hlo:
+        dump_step_hlo(llm, run, os.path.join(args.out, f"hlo_{shown or label}.txt"))
     if args.pointers:  # do the step's buffers keep their addresses? (a moved one makes XLA re-record the graph)
         report_pointers(llm, run)
     prefill = statistics.median(run(1) for _ in range(3))  # and the first token: taken off the wall time
@@ -92,6 +94,26 @@ def profile_config(label: str, args: argparse.Namespace, shown: str | None = Non
         print(f"    {n:6.1f}/step  median {d:8.1f} us  {k}", flush=True)
     row.update(idle_and_host(events, host, args.tokens))
     return row  # the engine goes with this frame; the caller collects it before the next config loads
+
+
+def dump_step_hlo(llm: LLM, run, path: str) -> None:
+    """The optimized HLO of the last decode step's forward, written to `path` (fusion names as the trace shows
+    them, with '.' for '_')."""
+    step_runner = llm.llm_engine.runner
+    orig, seen = step_runner._forward, []
+
+    def spy(*args):  # noqa: ANN002
+        seen.append(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a,
+                                 args))
+        return orig(*args)
+
+    step_runner._forward = spy
+    try:
+        run(3)
+    finally:
+        step_runner._forward = orig
+    with open(path, "w") as f:
+        f.write(orig.trace(*seen[-1]).lower().compile().as_text())
 
 
 def report_pointers(llm: LLM, run) -> None:
@@ -159,6 +181,7 @@ def main() -> int:
     ap.add_argument("--kv-pages", type=int, default=None, help="default: 256 per sequence")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--hlo", action="store_true", help="write the decode step's optimized HLO to --out")
     ap.add_argument("--pointers", action="store_true", help="print the step buffers' device addresses")
     ap.add_argument("--fresh-buffers", action="store_true",
                     help="steps take fresh input and output buffers, as before runner.STABLE_ADDRESSES")

@@ -10,13 +10,15 @@ decode of the 8B shape in bf16, int8 and int4 (random weights quantized at load)
    KNOBS (bodies, conversions, tiles); each checked against the float32 oracle first. GB/s counts the stored
    weight + scale bytes; then per (bits, M) the fastest setting over one decoder layer's matmuls.
 3. engine: bench.time_decode at batch 1 (128 in / 256 out) and batch 64 (128 / 128) per quantization, batch
-   1 also as N rows (ENGINE_CONFIGS), and batch 64 at 1024 in with a bf16 and an int8 KV cache.
+   1 also as N rows (ENGINE_CONFIGS), and batch 64 at 1024 in with a bf16 and an int8 KV cache; with
+   --scheduler-steps, each case at each number of decode steps per launch.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -180,24 +182,29 @@ def engine_table(args: argparse.Namespace, bw: float) -> list[dict]:
         finally:
             runner.decode_buckets = buckets
         load = time.perf_counter() - t
-        for batch, in_len, out_len in cases:
+        for (batch, in_len, out_len), steps in itertools.product(cases, args.scheduler_steps or [None]):
+            if steps:  # the runner reads num_steps at each launch: the same engine at another setting
+                llm.llm_engine.runner.num_steps = steps
             r = bench.time_decode(llm, batch, in_len, out_len, num_iters=3, bandwidth=bw)
-            r.update(quantization=label, load_s=load)
+            r.update(quantization=label, load_s=load, scheduler_steps=llm.llm_engine.runner.num_steps)
             rows.append(r)
-            print(f"{label:13s} batch {batch:3d} in {in_len:4d}: decode {r['decode_ms_per_token']:.2f} ms/step = "
-                  f"{r['decode_tok_per_s']:.0f} tok/s, weights {r['weight_GB']:.2f} GB, floor "
-                  f"{r['decode_floor_ms']:.2f} ms -> {r['roofline_fraction']:.0%} of its roofline "
-                  f"(load {load:.0f} s)", flush=True)
+            print(f"{label:13s} batch {batch:3d} in {in_len:4d} steps/launch {r['scheduler_steps']}: decode "
+                  f"{r['decode_ms_per_token']:.2f} ms/step = {r['decode_tok_per_s']:.0f} tok/s, weights "
+                  f"{r['weight_GB']:.2f} GB, floor {r['decode_floor_ms']:.2f} ms -> {r['roofline_fraction']:.0%} of "
+                  f"its roofline (load {load:.0f} s)", flush=True)
         del llm
         gc.collect()
         with open(os.path.join(args.out, "quant_engine_partial.json"), "w") as f:  # a run cut short keeps these
             json.dump(rows, f, indent=1)
-    base = {(r["batch_size"], r["input_len"]): r["decode_tok_per_s"] for r in rows if r["quantization"] == "bf16"}
+    def case(r: dict) -> tuple:
+        return r["batch_size"], r["input_len"], r["scheduler_steps"]
+
+    base = {case(r): r["decode_tok_per_s"] for r in rows if r["quantization"] == "bf16"}
     for r in rows:
-        if (r["batch_size"], r["input_len"]) in base:
-            r["speedup_vs_bf16"] = r["decode_tok_per_s"] / base[r["batch_size"], r["input_len"]]
-            print(f"{r['quantization']:13s} batch {r['batch_size']:3d} in {r['input_len']:4d}: "
-                  f"{r['speedup_vs_bf16']:.2f}x bf16", flush=True)
+        if case(r) in base:
+            r["speedup_vs_bf16"] = r["decode_tok_per_s"] / base[case(r)]
+            print(f"{r['quantization']:13s} batch {r['batch_size']:3d} in {r['input_len']:4d} steps/launch "
+                  f"{r['scheduler_steps']}: {r['speedup_vs_bf16']:.2f}x bf16", flush=True)
     return rows
 
 
@@ -211,6 +218,8 @@ def main() -> int:
     ap.add_argument("--knobs", default=None, help="JSON list of kernel knob settings to time (default: KNOBS)")
     ap.add_argument("--engine-first", action="store_true", help="the model runs before the kernel table")
     ap.add_argument("--engine-configs", nargs="+", default=list(ENGINE_CONFIGS), choices=list(ENGINE_CONFIGS))
+    ap.add_argument("--scheduler-steps", type=int, nargs="+", default=None,
+                    help="decode steps per launch to time each engine case at (default: the engine's)")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--smoke", action="store_true",

@@ -83,7 +83,7 @@ def _llm(args: argparse.Namespace, **knobs: Any) -> Any:
               tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
               quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
               kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, **knobs)
+              num_scheduler_steps=args.num_scheduler_steps, enable_prefix_caching=False, **knobs)
     runner = llm.llm_engine.runner
     print(f"start-up (load + compile {len(runner.all_buckets())} step shapes): {time.perf_counter() - t0:.1f} s")
     return llm

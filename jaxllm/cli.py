@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--load-format", default="auto", help="auto | dummy (random weights from config.json, to time)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) | int8 (a scale per token "
                    "and KV head: half the bytes of bf16)")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps per launch while every sequence decodes (8: quantized decode on an H200 "
+                   "1.2-1.3x faster; more to compile at start-up)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -61,7 +64,7 @@ def _engine(args: argparse.Namespace, **knobs: Any) -> Any:
                      num_kv_pages=args.num_kv_pages, tensor_parallel_size=args.tensor_parallel_size,
                      attention_backend=args.attention_backend, quantization=args.quantization,
                      quantize_lm_head=args.quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
-                     load_format=args.load_format, **knobs)
+                     load_format=args.load_format, num_scheduler_steps=args.num_scheduler_steps, **knobs)
 
 
 def stream(engine: Any, prompt: Any, params: Any, out: TextIO) -> Any:
@@ -161,7 +164,7 @@ def _serve(args: argparse.Namespace) -> None:
                tensor_parallel_size=args.tensor_parallel_size, attention_backend=args.attention_backend,
                quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
                load_format=args.load_format, max_num_seqs=args.max_num_seqs,
-               kv_cache_dtype=args.kv_cache_dtype,
+               kv_cache_dtype=args.kv_cache_dtype, num_scheduler_steps=args.num_scheduler_steps,
                max_num_batched_tokens=args.max_num_batched_tokens)
 
 

@@ -82,6 +82,7 @@ class _Launched:
     sample_rows: list[bool]
     rows: dict[int, int]  # seq_id -> output row, for the sequences that sample
     handle: Any
+    limits: list[int] | None = None  # several decode steps in one launch: the steps each sequence ran
 
 
 def _needs_state(p: SamplingParams) -> bool:
@@ -277,20 +278,42 @@ class LLMEngine:
                                 for i in range(start, start + n)])
             else:
                 targets.append(n)  # n tokens without prompt-logprob targets
-        handle = self.runner.launch(inputs, sample_rows, row_params, targets, use_sampler, want_plp, prev_rows)
+        limits = None if want_plp or not all(sample_rows) else self._decode_limits(batch)
+        handle = self.runner.launch(inputs, sample_rows, row_params, targets, use_sampler, want_plp, prev_rows,
+                                    limits)
         now = time.monotonic()
         for seq in batch.admitted:
             request = self.requests.get(seq.request_id)
             if request is not None and request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
-        self.scheduler.update(batch)
+        self.scheduler.update(batch, limits)
         rows = {}
         for i, seq in enumerate(batch.seqs):
-            if sample_rows[i]:  # its token arrives with the step's output
-                seq.token_ids.append(PLACEHOLDER)
-                seq.num_pending += 1
+            if sample_rows[i]:  # its tokens arrive with the step's output
+                new = limits[i] if limits else 1
+                seq.token_ids += [PLACEHOLDER] * new
+                seq.num_pending += new
                 rows[seq.seq_id] = i
-        return _Launched(batch, [s.num_computed_tokens for s in inputs], sample_rows, rows, handle)
+        return _Launched(batch, [s.num_computed_tokens for s in inputs], sample_rows, rows, handle, limits)
+
+    def _decode_limits(self, batch: ScheduledBatch) -> list[int] | None:
+        """When a decode-only batch runs runner.num_steps steps in one launch: the steps of each sequence (up to its
+        max_tokens), with their KV pages allocated; None runs one step (a sequence under min_tokens, whose stop
+        tokens are banned step by step, or too few free pages)."""
+        k = self.runner.num_steps
+        if k == 1 or not batch.is_decode_only:
+            return None
+        limits, pages = [], 0
+        for seq in batch.seqs:
+            if seq.num_output_tokens < seq.params.min_tokens:
+                return None
+            limits.append(min(k, seq.max_tokens - seq.num_output_tokens))
+            pages += self.kv.pages_short(seq, limits[-1])
+        if pages > self.kv.num_free:
+            return None
+        for seq, n in zip(batch.seqs, limits):
+            self.kv.allocate(seq, n)
+        return limits
 
     def _finish_step(self, launched: _Launched) -> list[RequestOutput]:
         out = self.runner.fetch(launched.handle)
@@ -304,8 +327,10 @@ class LLMEngine:
             t += n
             if start < seq.num_prompt_tokens:
                 self.stats["prompt_tokens"] += n
-            if launched.sample_rows[i] and not seq.is_finished:
-                self._accept_token(seq, int(out.tokens[i]), out.logprobs, i)
+            for j in range(launched.limits[i] if launched.limits else int(launched.sample_rows[i])):
+                if seq.is_finished:  # stopped (or aborted): its later tokens are dropped
+                    break
+                self._accept_token(seq, int(out.tokens[j, i]), out.logprobs, j, i)
                 self.stats["generated_tokens"] += 1
             if request is not None:
                 touched[request.request_id] = request
@@ -325,17 +350,19 @@ class LLMEngine:
             outputs.append(request.output())
         return outputs
 
-    def _accept_token(self, seq: Sequence, token: int, logprobs: Any, row: int) -> None:
-        """Put a sampled token in its placeholder, record its logprobs, detokenize, apply the stop rules."""
+    def _accept_token(self, seq: Sequence, token: int, logprobs: Any, step: int, row: int) -> None:
+        """Put a sampled token in its placeholder, record its logprobs ([num_steps, num_seqs, ...]), detokenize,
+        apply the stop rules."""
         p, o = seq.params, seq.state
         index = len(seq.token_ids) - seq.num_pending
         seq.token_ids[index] = token
         seq.num_pending -= 1
         if o.logprobs is not None:
-            lp = float(logprobs.token_logprob[row])
+            lp = float(logprobs.token_logprob[step, row])
             o.cumulative_logprob += lp
-            o.logprobs.append(self._logprob_dict(token, lp, int(logprobs.token_rank[row]),
-                                                 logprobs.top_ids[row], logprobs.top_logprobs[row], p.logprobs))
+            o.logprobs.append(self._logprob_dict(token, lp, int(logprobs.token_rank[step, row]),
+                                                 logprobs.top_ids[step, row], logprobs.top_logprobs[step, row],
+                                                 p.logprobs))
         num_out = index + 1 - seq.num_prompt_tokens
         past_min = num_out >= p.min_tokens
         stop_str = o.detok.add_tokens([token], check_stop=past_min)
@@ -349,7 +376,7 @@ class LLMEngine:
         elif num_out >= seq.max_tokens or index + 1 >= self.max_model_len:
             reason = ("length", None)
         if reason is not None:
-            del seq.token_ids[index + 1:]  # a token already launched past the end is dropped
+            del seq.token_ids[index + 1:]  # tokens already launched past the end are dropped
             seq.num_pending = 0
             self.scheduler.finish(seq, *reason)
         o.text += o.detok.get_delta(finished=reason is not None)

@@ -112,6 +112,10 @@ class KVCacheManager:
 
     # ---------------------------------------------------------------------------------- allocation
 
+    def pages_short(self, seq: PagedSequence, num_new_tokens: int) -> int:
+        """Pages the block table lacks for num_computed_tokens + num_new_tokens."""
+        return max(0, pages_needed(seq.num_computed_tokens + num_new_tokens, self.page_size) - len(seq.block_table))
+
     def can_allocate(self, seq: PagedSequence, num_new_tokens: int, reuse: list[int] = ()) -> bool:
         """Whether the pages for `num_new_tokens` more tokens can be found (after reusing `reuse`)."""
         have = len(seq.block_table) + len(reuse)
@@ -132,7 +136,7 @@ class KVCacheManager:
 
     def allocate(self, seq: PagedSequence, num_new_tokens: int) -> None:
         """Append pages so the block table covers num_computed_tokens + num_new_tokens."""
-        need = pages_needed(seq.num_computed_tokens + num_new_tokens, self.page_size) - len(seq.block_table)
+        need = self.pages_short(seq, num_new_tokens)
         if need > self.num_free:
             raise RuntimeError(f"asked for {need} KV pages with {self.num_free} free")
         for _ in range(need):

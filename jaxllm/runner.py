@@ -12,7 +12,9 @@ shapes (buckets), all compiled at start-up, so no request ever triggers a compil
 
 On the device: the model (embed -> layers over the paged KV cache -> logits of the sampled rows), then
 argmax or the full sampler, then prompt logprobs when asked for; three jitted functions the host
-chooses between, with the KV pages and the sampler state donated (updated in place). The inputs travel
+chooses between, with the KV pages and the sampler state donated (updated in place); with
+num_scheduler_steps > 1, a decode-only batch runs a fourth: that many steps, model and sampler, in one
+`lax.scan` (vLLM's multi-step scheduling), so the host's launch cost is paid once per several tokens. The inputs travel
 in one packed buffer per function group and the output comes back in one, once per step. On one device
 the step's buffers keep their addresses from step to step (a staging copy of the inputs, the previous
 step's logits donated back), so a GPU replays its CUDA graph without re-recording it. `launch`
@@ -73,8 +75,8 @@ class StepInputs:
 
 @struct.dataclass
 class StepOutput:
-    tokens: jax.Array  # [num_seqs]
-    logprobs: Logprobs  # [num_seqs, ...] of the sampled tokens (zeros when the step decoded greedily)
+    tokens: jax.Array  # [num_steps, num_seqs] (num_steps: decode steps in the launch, usually 1)
+    logprobs: Logprobs  # [num_steps, num_seqs, ...] of the sampled tokens (zeros when the step decoded greedily)
     prompt_logprobs: Logprobs | None  # [num_tokens, ...] of prompt_targets, when the step asked for them
 
 
@@ -218,7 +220,7 @@ class ModelRunner:
         # an address it uses moves. So on one device the step sees no fresh buffer: the inputs are copied into a
         # staging buffer per shape (_stage) and the outputs land in the previous step's (donated) ones.
         self._stable_addresses = STABLE_ADDRESSES and loaded.mesh.size == 1
-        self._staged: dict[tuple, jax.Array] = {}  # input shape -> its staging buffer
+        self._staged: dict[tuple, jax.Array] = {}  # (input name, shape) -> its staging buffer
         # the last step's bucket and its (logits, hidden): kept for one bucket only (logits are up to [rows, vocab]
         # float32), which is the steady state of decoding
         self._last_out: tuple[tuple[int, int, int], tuple[jax.Array, jax.Array]] | None = None
@@ -228,10 +230,14 @@ class ModelRunner:
         self._greedy = jax.jit(self._greedy_fn, donate_argnums=(1,), keep_unused=True)
         self._sample = jax.jit(self._sample_fn, donate_argnums=(1, 2), static_argnums=(4, 5), keep_unused=True)
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,))
+        self._decode_steps = jax.jit(self._decode_steps_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 7, 8, 9),
+                                     keep_unused=True)
+        self.num_steps = engine.num_scheduler_steps  # decode steps per launch of a decode-only batch
         # [max_rows] the previous step's sampled tokens, on the device
         self.prev_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self.replicated)
         self._seen: set[tuple[int, int, int]] = set()
         self.num_compilations = 0  # step shapes compiled (or loaded from the persistent cache) so far
+        self.num_multi_step_launches = 0  # launches that ran num_steps > 1 decode steps
         self.last_bucket: tuple[int, int, int] | None = None  # (num_tokens, num_seqs, max_query_len) of the last step
 
     # ------------------------------------------------------------------------------ device side
@@ -243,15 +249,52 @@ class ModelRunner:
         """The model: -> logits of the sampled rows [num_seqs, vocab], hidden states [num_tokens, embed].
         out_bufs: () or the previous (logits, hidden) of this shape, donated so that the outputs reuse them."""
         del out_bufs
-        module, variables = self.loaded.module, {"params": params}
         x = unpack(packed, layout)  # StepInputs
-        # Decode inputs sampled by the previous step come from its output on the device, so the host can
-        # launch this step before it has seen them.
-        input_ids = jnp.where(x.prev_rows >= 0, prev_tokens[jnp.maximum(x.prev_rows, 0)], x.input_ids)
-        hidden, kv_caches = module.apply(variables, input_ids, x.positions, kv_caches, x.md,
-                                         method="hidden_states")  # [num_tokens, embed]
-        logits = module.apply(variables, hidden[x.logits_indices], method="logits")  # [num_seqs, vocab]
+        return self._model(params, kv_caches, _input_ids(x, prev_tokens), x.positions, x.md, x.logits_indices)
+
+    def _model(self, params: Any, kv_caches: list[KVPages], input_ids: jax.Array, positions: jax.Array,
+               md: AttentionMetadata, logits_indices: jax.Array) -> tuple[jax.Array, jax.Array, list[KVPages]]:
+        """-> logits [num_seqs, vocab] of the tokens at logits_indices, hidden [num_tokens, embed], the KV pages."""
+        module, variables = self.loaded.module, {"params": params}
+        hidden, kv_caches = module.apply(variables, input_ids, positions, kv_caches, md, method="hidden_states")
+        logits = module.apply(variables, hidden[logits_indices], method="logits")
         return logits, hidden, kv_caches
+
+    def _decode_steps_fn(self, params: Any, kv_caches: list[KVPages], prev_tokens: jax.Array, state: SamplerState,
+                         packed: jax.Array, layout: tuple, st_packed: jax.Array, st_layout: tuple, num_steps: int,
+                         mode: str) -> tuple[jax.Array, jax.Array, list[KVPages], SamplerState]:
+        """`num_steps` decode steps in one launch (vLLM's multi-step scheduling): each step feeds every row the
+        token the last one sampled, at the next position. Row i runs limit[i] steps; its later steps write to the
+        dropped slot and their tokens are never read. -> the packed (tokens [num_steps, num_seqs], logprobs),
+        the next prev_tokens (each row's last kept token), the KV pages and the sampler state."""
+        x = unpack(packed, layout)  # StepInputs of a decode bucket: one token per row
+        st, sample_mask, limit = unpack(st_packed, st_layout)  # SamplingTensors, [num_seqs] bool, [num_seqs] int32
+        block_tables, ps = x.md.block_tables, self.page_size
+        rows = jnp.arange(block_tables.shape[0])
+
+        def step(carry: tuple, i: jax.Array) -> tuple[tuple, tuple]:
+            input_ids, kv_caches, state = carry
+            live = i < limit  # [num_seqs]
+            positions = x.positions + jnp.minimum(i, jnp.maximum(limit - 1, 0))
+            page = block_tables[rows, jnp.minimum(positions // ps, block_tables.shape[1] - 1)]
+            md = x.md.replace(slot_mapping=jnp.where(live, page * ps + positions % ps, self.num_pages * ps),
+                              seq_lens=jnp.where(x.md.seq_lens > 0, positions + 1, 0))
+            logits, _, kv_caches = self._model(params, kv_caches, input_ids, positions, md, x.logits_indices)
+            if mode == "greedy":
+                tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                logprobs = _zero_logprobs(*logits.shape[:1], min(sampler.MAX_LOGPROBS, logits.shape[1]))
+            else:
+                tokens, logprobs = sampler.sample(logits, st.replace(step=st.step + i), state,
+                                                  sort=mode == "sample-sort")
+                state = sampler.update_counts(state, st.slot, tokens, sample_mask & live)
+            return (tokens, kv_caches, state), (tokens, logprobs)
+
+        first = _input_ids(x, prev_tokens)
+        (_, kv_caches, state), (tokens, logprobs) = jax.lax.scan(step, (first, kv_caches, state),
+                                                                 jnp.arange(num_steps))
+        last = tokens[jnp.maximum(limit - 1, 0), rows]  # [num_seqs]
+        next_prev = jnp.zeros(prev_tokens.shape, jnp.int32).at[:last.shape[0]].set(last)
+        return pack_device((tokens, logprobs)), next_prev, kv_caches, state
 
     def _greedy_fn(self, logits: jax.Array, prev_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         """argmax per row (no row needs the sampler): the packed (tokens, zero logprobs), the next prev_tokens."""
@@ -295,9 +338,12 @@ class ModelRunner:
         return ([(b, b, 1) for b in self.decode_buckets]
                 + [(b, min(b, self.max_rows), b) for b in self.mixed_buckets])
 
-    def _run_step(self, key: tuple[int, int, int], inputs: tuple, mode: str, prompt_logprobs: bool
-                  ) -> tuple[jax.Array, jax.Array | None]:
-        """Queue the step's device work (not waited for): packed (tokens, logprobs), packed prompt logprobs."""
+    def _run_step(self, key: tuple[int, int, int], inputs: tuple, mode: str, prompt_logprobs: bool,
+                  num_steps: int = 1) -> tuple[jax.Array, jax.Array | None]:
+        """Queue the step's device work (not waited for): packed (tokens, logprobs), packed prompt logprobs.
+        num_steps > 1: that many decode steps in one launch (a decode bucket, no prompt logprobs)."""
+        if num_steps > 1:
+            return self._run_decode_steps(key, inputs, mode, num_steps), None
         for variant in (key, (key[1], mode), (*key, "prompt_logprobs") if prompt_logprobs else None):
             if variant is not None and variant not in self._seen:
                 self._seen.add(variant)
@@ -307,8 +353,7 @@ class ModelRunner:
         x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
         out_bufs = ()
         if self._stable_addresses:
-            buf = self._staged.pop(x.shape, None)
-            x = self._staged[x.shape] = self._stage(jnp.zeros_like(x) if buf is None else buf, x)
+            x = self._staged_copy("x", x)
             last, self._last_out = self._last_out, None
             out_bufs = last[1] if last and last[0] == key else self._new_out_bufs(key)
         with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
@@ -324,6 +369,29 @@ class ModelRunner:
             plp = self._prompt_logprobs(self.loaded.params, hidden, x, x_layout) if prompt_logprobs else None
         self.last_bucket = key
         return out, plp
+
+    def _run_decode_steps(self, key: tuple[int, int, int], inputs: tuple, mode: str, num_steps: int) -> jax.Array:
+        variant = (*key, mode, num_steps)
+        if variant not in self._seen:
+            self._seen.add(variant)
+            self.num_compilations += 1
+        (x, x_layout), (st, st_layout) = inputs
+        x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
+        if self._stable_addresses:
+            x, st = self._staged_copy("x", x), self._staged_copy("st", st)
+        with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
+            out, self.prev_tokens, self.kv_caches, self.sampler_state = self._decode_steps(
+                self.loaded.params, self.kv_caches, self.prev_tokens, self.sampler_state, x, x_layout, st, st_layout,
+                num_steps, mode)
+        self.last_bucket = key
+        self.num_multi_step_launches += 1
+        return out
+
+    def _staged_copy(self, name: str, a: jax.Array) -> jax.Array:
+        """`a` copied into the staging buffer of its name and shape (the one the last step of that shape read)."""
+        buf = self._staged.pop((name, a.shape), None)
+        self._staged[(name, a.shape)] = self._stage(jnp.zeros_like(a) if buf is None else buf, a)
+        return self._staged[(name, a.shape)]
 
     def _new_out_bufs(self, key: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
         """A bucket's first (logits [num_seqs, vocab] float32, hidden [num_tokens, embed]) buffers."""
@@ -344,13 +412,19 @@ class ModelRunner:
             inputs = self._pack([], [], [], key, [])
             for mode in SAMPLER_MODES:
                 jax.block_until_ready(self._run_step(key, inputs, mode, prompt_logprobs=mode == "greedy"))
+            if self.num_steps > 1 and key[2] == 1:  # a decode bucket also runs several steps per launch
+                inputs = self._pack([], [], [], key, [], limits=[])
+                for mode in SAMPLER_MODES:
+                    jax.block_until_ready(self._run_step(key, inputs, mode, False, self.num_steps))
         self.register(self.num_slots - 1, [], [], None, [])  # the sampler's register compiles its one shape
         if progress:
             progress(f"compiled {len(keys)} step shapes in {time.perf_counter() - t0:.1f} s")
 
     def _pack(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple], key: tuple[int, int, int],
-              prompt_targets: list[list[int] | int], prev_rows: list[int] | None = None) -> tuple:
-        """The step's inputs as two packed buffers: the model's (StepInputs) and the sampler's."""
+              prompt_targets: list[list[int] | int], prev_rows: list[int] | None = None,
+              limits: list[int] | None = None) -> tuple:
+        """The step's inputs as two packed buffers: the model's (StepInputs) and the sampler's (with `limits`, the
+        steps each row runs in a multi-step launch)."""
         num_tokens, num_seqs, max_q = key
         if seqs:
             ids, pos, md, li = prepare_batch(seqs, self.page_size, self.num_pages, self.max_pages_per_seq,
@@ -373,54 +447,70 @@ class ModelRunner:
         params, seeds, steps, slots, ban = (list(z) for z in zip(*row_params)) if row_params else ([], [], [], [], [])
         st = SamplingTensors.from_rows(params, seeds, steps, slots, ban, num_rows=num_seqs,
                                        pad_slot=self.num_slots - 1)
-        return pack(x), pack((st, mask))
+        if limits is None:
+            return pack(x), pack((st, mask))
+        limit = np.zeros(num_seqs, np.int32)
+        limit[:len(limits)] = limits
+        return pack(x), pack((st, mask, limit))
 
     def launch(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple],
                prompt_targets: list[list[int] | int], use_sampler: bool, want_prompt_logprobs: bool,
-               prev_rows: list[int]) -> tuple:
+               prev_rows: list[int], limits: list[int] | None = None) -> tuple:
         """Start one step on the device and return without waiting (fetch() waits).
 
         row_params[i] = (SamplingParams, seed, step, slot, ban_stop) of sequence i; prompt_targets[i] the next
         prompt token after each fed token of sequence i (or just its token count: no targets); prev_rows[t]
-        the row of the previous step that samples fed token t (-1: take it from the SeqInput)."""
+        the row of the previous step that samples fed token t (-1: take it from the SeqInput). limits: a
+        decode-only batch runs self.num_steps steps in this launch, sequence i the first limits[i] of them."""
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
         num_tokens = sum(len(s.token_ids) for s in seqs)
         key = self.bucket_for(num_tokens, len(seqs), decode_only)
-        inputs = self._pack(seqs, sample_rows, row_params, key, prompt_targets, prev_rows)
+        num_steps = self.num_steps if limits is not None else 1
+        if num_steps > 1 and not (decode_only and not want_prompt_logprobs):
+            raise ValueError("several steps per launch need a decode-only batch without prompt logprobs")
+        inputs = self._pack(seqs, sample_rows, row_params, key, prompt_targets, prev_rows, limits)
         sort = use_sampler and any(p.top_k not in (0, -1, 1) or p.top_p < 1.0
                                    for (p, *_), s in zip(row_params, sample_rows) if s)
         mode = "sample-sort" if sort else "sample" if use_sampler else "greedy"
-        out, plp = self._run_step(key, inputs, mode, want_prompt_logprobs)
-        return out, plp, self._output_layouts(key), len(seqs), num_tokens
+        out, plp = self._run_step(key, inputs, mode, want_prompt_logprobs, num_steps)
+        return out, plp, self._output_layouts(key, num_steps), len(seqs), num_tokens
 
     @functools.lru_cache(maxsize=None)  # noqa: B019  (one runner per engine; a handful of buckets)
-    def _output_layouts(self, key: tuple[int, int, int]) -> tuple[tuple, tuple]:
-        """How a bucket's packed (tokens, logprobs) and prompt logprobs unpack on the host (built once per bucket,
-        not on every step)."""
+    def _output_layouts(self, key: tuple[int, int, int], num_steps: int = 1) -> tuple[tuple, tuple]:
+        """How a bucket's packed (tokens [num_steps, num_seqs], logprobs) and prompt logprobs unpack on the host
+        (built once per bucket, not on every step)."""
         num_tokens, num_seqs, _ = key
         k = min(sampler.MAX_LOGPROBS, self.loaded.config.vocab_size)
 
-        def logprobs(n: int) -> Logprobs:
-            return Logprobs(np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros((n, k), np.int32),
-                            np.zeros((n, k), np.float32))
+        def logprobs(*n: int) -> Logprobs:
+            return Logprobs(np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros((*n, k), np.int32),
+                            np.zeros((*n, k), np.float32))
 
-        return pack((np.zeros(num_seqs, np.int32), logprobs(num_seqs)))[1], pack(logprobs(num_tokens))[1]
+        return (pack((np.zeros((num_steps, num_seqs), np.int32), logprobs(num_steps, num_seqs)))[1],
+                pack(logprobs(num_tokens))[1])
 
     @staticmethod
     def fetch(handle: tuple) -> StepOutput:
-        """Wait for a launched step; its output as numpy arrays, cut to the real rows and tokens."""
+        """Wait for a launched step; its output as numpy arrays (tokens and logprobs [num_steps, num_seqs, ...]), cut
+        to the real rows and tokens."""
         packed, packed_plp, (layout, plp_layout), n, t = handle
         packed.block_until_ready()  # waits with the GIL released, so other threads (an event loop) run meanwhile
         tokens, logprobs = unpack(np.asarray(packed), layout, np)
         plp = unpack(np.asarray(packed_plp), plp_layout, np) if packed_plp is not None else None
         out = StepOutput(tokens, logprobs, plp)
-        return StepOutput(out.tokens[:n], jax.tree.map(lambda a: a[:n], out.logprobs),
+        return StepOutput(out.tokens[:, :n], jax.tree.map(lambda a: a[:, :n], out.logprobs),
                           jax.tree.map(lambda a: a[:t], out.prompt_logprobs) if plp is not None else None)
 
     def register(self, slot: int, prompt_ids: list[int], output_ids: list[int], logit_bias: dict | None,
                  stop_ids: list[int]) -> None:
         """Load a newly admitted sequence's history into its sampler slot (penalties, bias, min_tokens)."""
         self.sampler_state = sampler.register(self.sampler_state, slot, prompt_ids, output_ids, logit_bias, stop_ids)
+
+
+def _input_ids(x: StepInputs, prev_tokens: jax.Array) -> jax.Array:
+    """The step's input ids [num_tokens]: decode inputs sampled by the previous step come from its output on the
+    device (prev_tokens [max_rows]), so the host can launch this step before it has seen them."""
+    return jnp.where(x.prev_rows >= 0, prev_tokens[jnp.maximum(x.prev_rows, 0)], x.input_ids)
 
 
 def _zero_logprobs(n: int, k: int) -> Logprobs:

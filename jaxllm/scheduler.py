@@ -182,9 +182,10 @@ class Scheduler:
             budget -= n
         return batch
 
-    def update(self, batch: ScheduledBatch) -> None:
-        """After a step: the scheduled tokens are computed; cache the pages they filled."""
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+    def update(self, batch: ScheduledBatch, num_computed: list[int] | None = None) -> None:
+        """After a step: the scheduled tokens are computed (num_computed: the tokens each sequence computed when
+        the launch ran several decode steps); cache the pages they filled."""
+        for seq, n in zip(batch.seqs, num_computed or batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.kv.cache_full_pages(seq, seq.extra_key)
 

@@ -69,6 +69,47 @@ def test_preemption_recomputes_and_loses_nothing(llama, async_scheduling):
     assert small.llm_engine.kv.num_free == 12  # every page came back
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_multi_step_decode_equals_one_step(llama, tiny_tokenizer, async_scheduling):
+    """num_scheduler_steps=4 (four decode steps per launch, stop conditions checked after the fact) gives what one
+    step per launch gives: greedy, seeded top-p, penalties (counted on the device between steps), logprobs, n=2,
+    stop tokens and strings inside a launch, max_tokens not a multiple of 4, min_tokens (one step at a time until
+    it is reached), and a pool so small that sequences are preempted."""
+    path, _, one = llama
+    batch = [{"prompt_token_ids": p} for p in mixed_prompts(8, seed=12)]
+    free = ids(one.generate(batch[:2], SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)))
+    stop_str = tiny_tokenizer.decode(free[1][6:8])
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=11, seed=5, ignore_eos=True),
+              SamplingParams(temperature=1.0, frequency_penalty=0.5, repetition_penalty=1.3, max_tokens=10, seed=6,
+                             logprobs=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=14, stop_token_ids=[free[0][5]]),
+              SamplingParams(temperature=0, max_tokens=14, stop=[stop_str], ignore_eos=True),
+              SamplingParams(n=2, temperature=1.0, max_tokens=9, seed=7, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, min_tokens=6, stop_token_ids=[free[0][1]]),
+              GREEDY, SamplingParams(temperature=0.7, max_tokens=1, seed=8)]
+    batch = [batch[0], batch[1]] + batch[2:4] + [batch[0], batch[1]] + batch[4:]
+    expected = one.generate(batch, params, use_tqdm=False)
+    for pool in (96, 14):
+        multi = LLM(str(path), dtype="float32", num_kv_pages=pool, page_size=PAGE, max_model_len=96, max_num_seqs=16,
+                    max_num_batched_tokens=64, num_scheduler_steps=4, async_scheduling=async_scheduling,
+                    enable_prefix_caching=pool > 20, warmup=False)
+        got = multi.generate(batch, params, use_tqdm=False)
+        for e, g in zip(expected, got):
+            for ce, cg in zip(e.outputs, g.outputs, strict=True):
+                assert (cg.token_ids, cg.text, cg.finish_reason, cg.stop_reason) == (
+                    ce.token_ids, ce.text, ce.finish_reason, ce.stop_reason)
+                if ce.logprobs is not None:
+                    assert [{t: round(v.logprob, 4) for t, v in d.items()} for d in cg.logprobs] == [
+                        {t: round(v.logprob, 4) for t, v in d.items()} for d in ce.logprobs]
+        engine = multi.llm_engine
+        assert engine.runner.num_multi_step_launches > 0
+        assert engine.kv.num_free == pool and not engine.requests
+        if pool == 14:
+            assert engine.scheduler.num_preemptions > 0
+    assert {o.outputs[0].finish_reason for o in expected[4:6]} == {"stop"}
+
+
 def test_prefix_caching_prefills_only_the_rest(llama):
     path, _, _ = llama
     llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE)
@@ -222,13 +263,14 @@ def test_engine_step_api_and_abort(llama):
 
 
 def test_warmup_compiles_every_shape_once(tiny_model):
-    """After warm-up, a varied workload (lengths, batch sizes, sampling, penalties, logprobs, n) compiles nothing."""
+    """After warm-up, a varied workload (lengths, batch sizes, sampling, penalties, logprobs, n; one and two
+    decode steps per launch) compiles nothing."""
     path, _ = tiny_model("llama2")
     llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=8,
-              max_num_batched_tokens=64, warmup=True)
+              max_num_batched_tokens=64, num_scheduler_steps=2, warmup=True)
     runner = llm.llm_engine.runner
     warm = runner.num_compilations
-    assert warm >= len(runner.all_buckets())
+    assert warm >= len(runner.all_buckets()) + 3 * len(runner.decode_buckets)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, *_a, **_k: compiles.append(event) if "backend_compile" in event else None)
@@ -238,7 +280,7 @@ def test_warmup_compiles_every_shape_once(tiny_model):
              SamplingParams(temperature=1.0, n=2, max_tokens=4, logprobs=2, prompt_logprobs=1, seed=2)]
     llm.generate(batch, [kinds[i % 4] for i in range(20)], use_tqdm=False)
     llm.generate(batch[:1], GREEDY, use_tqdm=False)
-    assert runner.num_compilations == warm
+    assert runner.num_compilations == warm and runner.num_multi_step_launches > 0
     assert compiles == []
 
 
@@ -321,6 +363,8 @@ def test_engine_config_validation(llama):
         LLM(str(path), max_num_seqs=16, max_num_batched_tokens=8)
     with pytest.raises(ValueError, match="scheduling_policy"):
         LLM(str(path), scheduling_policy="lifo")
+    with pytest.raises(ValueError, match="num_scheduler_steps must be >= 1, got 0"):
+        LLM(str(path), num_scheduler_steps=0)
 
 
 def test_priority_scheduling_admits_lower_values_first(tiny_model):

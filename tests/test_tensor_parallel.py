@@ -11,8 +11,8 @@ import pytest
 
 
 def test_tensor_parallel_equals_one_device(tiny_model):
-    """Through the CPU path (xla), the GPU kernel in interpret mode (pallas), both under shard_map, and with int4
-    weights and an int8 KV cache."""
+    """Through the CPU path (xla; sharded, also 4 decode steps per launch), the GPU kernel in interpret mode
+    (pallas), both under shard_map, and with int4 weights and an int8 KV cache."""
     path, _ = tiny_model("llama3.1")
     proc = subprocess.run([sys.executable, "-m", "tests.tp_check", str(path)], capture_output=True, text=True,
                           timeout=600)

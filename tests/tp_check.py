@@ -19,9 +19,10 @@ from jaxllm import LLM, SamplingParams  # noqa: E402
 CONFIGS = {"xla": {"attention_backend": "xla"}, "pallas": {"attention_backend": "pallas"},
            # int4 weights (packed along sharded output dims) and an int8 KV cache with its sharded scales
            "xla-quantized": {"attention_backend": "xla", "quantization": "int4", "kv_cache_dtype": "int8"}}
+TP2_ONLY = {"xla": {"num_scheduler_steps": 4}}  # the sharded engine also decodes 4 steps per launch there
 
 
-def run(path: str, config: dict) -> dict:
+def run(path: str, config: dict, tp2_only: dict) -> dict:
     assert len(jax.devices()) == 2
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 300 + 3 for j in range(n)]} for i, n in enumerate((5, 17, 40))]
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3),
@@ -30,11 +31,12 @@ def run(path: str, config: dict) -> dict:
     result = {}
     for tp in (1, 2):
         llm = LLM(path, dtype="float32", num_kv_pages=32, page_size=8, max_num_seqs=4, max_num_batched_tokens=64,
-                  tensor_parallel_size=tp, **config)
+                  tensor_parallel_size=tp, **config, **(tp2_only if tp == 2 else {}))
         if tp == 2:
             k = llm.llm_engine.runner.kv_caches[0].k
             assert len(k.sharding.device_set) == 2 and k.addressable_shards[0].data.shape != k.shape
         outs = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.llm_engine.runner.num_multi_step_launches > 0 or not (tp == 2 and tp2_only)
         result[tp] = [{"ids": o.outputs[0].token_ids,
                        "lp": [e[t].logprob for t, e in zip(o.outputs[0].token_ids, o.outputs[0].logprobs or [])]}
                       for o in outs]
@@ -42,4 +44,5 @@ def run(path: str, config: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps({name: run(sys.argv[1], config) for name, config in CONFIGS.items()}))
+    print("RESULT " + json.dumps({name: run(sys.argv[1], config, TP2_ONLY.get(name, {}))
+                                  for name, config in CONFIGS.items()}))
