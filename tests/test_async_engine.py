@@ -47,6 +47,48 @@ def test_concurrent_streams_equal_offline(async_llm):
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # text only grows
 
 
+def test_multi_step_streams_equal_offline(tiny_model):
+    """With 4 decode steps per launch, streams arrive several tokens at a time, still equal to the offline result
+    and only growing; a stream abandoned midway is aborted and its pages come back."""
+    path, _ = tiny_model("llama2")
+    llm = AsyncLLM(str(path), dtype="float32", num_kv_pages=64, page_size=8, max_num_seqs=4,
+                   max_num_batched_tokens=32, num_scheduler_steps=4, warmup=False)
+    batch = [{"prompt_token_ids": p} for p in prompts(seed=22)]
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=4, max_tokens=11, ignore_eos=True)
+
+    async def consume(prompt):
+        updates = []
+        async for out in llm.generate(prompt, params):
+            updates.append((len(out.outputs[0].token_ids), out.outputs[0].text))
+        return updates
+
+    async def main():
+        results = await asyncio.gather(*(consume(p) for p in batch))
+        gen = llm.generate(batch[0], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+        async for out in gen:
+            if len(out.outputs[0].token_ids) >= 5:
+                break
+        await gen.aclose()
+        return results
+
+    try:
+        results = asyncio.run(main())
+        engine = llm.engine
+        for _ in range(100):  # the engine thread finishes the launch already made for the abandoned stream
+            if not engine.has_unfinished_requests() and engine.kv.num_free == engine.kv.num_pages:
+                break
+            time.sleep(0.05)
+        assert not engine.has_unfinished_requests() and engine.kv.num_free == engine.kv.num_pages
+        assert engine.runner.num_multi_step_launches > 0
+    finally:
+        llm.shutdown()
+    offline = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=8).generate(batch, params, use_tqdm=False)
+    for updates, ref in zip(results, offline):
+        assert updates[-1] == (11, ref.outputs[0].text)
+        assert all(b[1].startswith(a[1]) for a, b in zip(updates, updates[1:]))  # text only grows
+        assert max(b[0] - a[0] for a, b in zip(updates, updates[1:])) > 1  # several tokens per update
+
+
 def test_abandoned_stream_is_aborted(async_llm):
     _, llm = async_llm
     engine = llm.engine
