@@ -2,21 +2,24 @@
 loop over the step take the host's share off?
 
     PYTHONPATH=. python benchmarks/multi_step.py [--model DIR] [--configs bf16 int8 int4] [--steps 1 4 8 16]
-        [--tokens 64] [--max-num-seqs 64 --kv-pages 4096 --max-model-len 2048] [--out DIR]
+        [--tokens 64] [--dynamic] [--max-num-seqs 64 --kv-pages 4096 --max-model-len 2048] [--out DIR]
 
 Per weight configuration (random weights quantized at load, as quant_h100.py loads them): the engine's wall
 time per decode token (a `--tokens` greedy generate less a 1-token one, median of 3), then the same model run by
 this script: one prompt prefilled, then `--tokens` decode tokens as a chain of jitted calls that each run `steps`
 decode steps in a lax.fori_loop on the device (the next step's input is the last step's argmax; positions and
-slot_mapping advance on the device). Wall time per token, median of 3 chains, and whether the tokens equal the
-engine's. With XLA_FLAGS=--xla_gpu_enable_command_buffer=... the same run shows whether XLA keeps the loop in
-one CUDA graph (a loop run from the host launches each iteration's kernels again).
+slot_mapping advance on the device). Wall time per token, median of 3 chains, whether the tokens equal the
+engine's, and each call's compile time and while loops left in its optimized HLO (none: XLA unrolled the loop;
+--dynamic also runs each with the trip count as an argument, which XLA cannot unroll). With
+XLA_FLAGS=--xla_gpu_enable_command_buffer=... the same run shows whether XLA keeps the loop in one CUDA graph (a
+loop run from the host launches each iteration's kernels again).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -34,8 +37,11 @@ from jaxllm.runner import SeqInput, prepare_batch
 CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int4": ("int4", True)}
 
 
-def decode_chain(llm: LLM, prompt: list[int], tokens: int, steps: int, reps: int = 3) -> tuple[float, list[int]]:
-    """Seconds per token of `tokens` greedy decode tokens after `prompt`, `steps` per jitted call; the tokens."""
+def decode_chain(llm: LLM, prompt: list[int], tokens: int, steps: int, dynamic: bool = False, reps: int = 3
+                 ) -> tuple[float, list[int], dict]:
+    """Seconds per token of `tokens` greedy decode tokens after `prompt`, `steps` per jitted call; the tokens; the
+    call's compile time and what XLA made of its loop. dynamic: the trip count is an argument (a while loop
+    XLA cannot unroll; one executable for any number of steps)."""
     r = llm.llm_engine.runner
     module, ps, rows = r.loaded.module, r.page_size, r.bucket_for(1, 1, True)[1]
     pages = -(-(len(prompt) + tokens + steps) // ps)
@@ -49,9 +55,8 @@ def decode_chain(llm: LLM, prompt: list[int], tokens: int, steps: int, reps: int
         logits = module.apply({"params": params}, hidden[li], method="logits")
         return jnp.argmax(logits, -1).astype(jnp.int32), kv
 
-    @jax.jit
-    def decode(params, kv, token, start, block_tables):
-        """`steps` decode steps of one sequence (row 0; the other rows pad): tokens [steps], kv."""
+    def decode(params, kv, token, start, block_tables, n):
+        """n (= steps) decode steps of one sequence (row 0; the other rows pad): tokens [steps], kv."""
         valid = jnp.arange(rows) == 0
         qsl = jnp.minimum(jnp.arange(rows + 1, dtype=jnp.int32), 1)
 
@@ -66,13 +71,18 @@ def decode_chain(llm: LLM, prompt: list[int], tokens: int, steps: int, reps: int
             nxt = jnp.argmax(module.apply({"params": params}, hidden, method="logits"), -1).astype(jnp.int32)
             return nxt[0], kv, out.at[i].set(nxt[0])
 
-        token, kv, out = jax.lax.fori_loop(0, steps, body, (token, kv, jnp.zeros(steps, jnp.int32)))
+        token, kv, out = jax.lax.fori_loop(0, n if dynamic else steps, body,
+                                           (token, kv, jnp.zeros(steps, jnp.int32)))
         return out, kv
 
-    decode = jax.jit(decode.__wrapped__, donate_argnums=(1,))
     ids, pos, md, li = prepare_batch([SeqInput(prompt, 0, list(table[0, :pages]))], ps, r.num_pages,
                                      r.max_pages_per_seq)
     params, bt = r.loaded.params, jnp.asarray(table)
+    t = time.perf_counter()
+    compiled = jax.jit(decode, donate_argnums=(1,)).lower(params, r.kv_caches, jnp.int32(0), jnp.int32(0), bt,
+                                                          jnp.int32(steps)).compile()
+    hlo = compiled.as_text()
+    report = {"compile_s": time.perf_counter() - t, "while_ops": hlo.count(" while("), "hlo_chars": len(hlo)}
     samples, got = [], []
     for rep in range(reps + 1):  # the first chain compiles
         first, r.kv_caches = prefill(params, r.kv_caches, ids, pos, md, li)
@@ -80,14 +90,14 @@ def decode_chain(llm: LLM, prompt: list[int], tokens: int, steps: int, reps: int
         jax.block_until_ready(token)
         t = time.perf_counter()
         for s in range(0, tokens, steps):
-            out, r.kv_caches = decode(params, r.kv_caches, token, jnp.int32(len(prompt) + s), bt)
+            out, r.kv_caches = compiled(params, r.kv_caches, token, jnp.int32(len(prompt) + s), bt, jnp.int32(steps))
             token = out[-1]
             outs.append(out)
         jax.block_until_ready(outs)
         if rep:
             samples.append((time.perf_counter() - t) / tokens)
         got = [int(first[0])] + [int(v) for o in outs for v in np.asarray(o)]
-    return statistics.median(samples), got[:tokens + 1]
+    return statistics.median(samples), got[:tokens + 1], report
 
 
 def measure(label: str, args: argparse.Namespace) -> dict:
@@ -110,12 +120,15 @@ def measure(label: str, args: argparse.Namespace) -> dict:
     reference = run(args.tokens + 1)[1]
     row = {"config": label, "engine_ms_per_token": engine * 1e3, "loop": {}}
     print(f"{label}: engine {engine * 1e3:.2f} ms/token", flush=True)
-    for steps in args.steps:
-        sec, got = decode_chain(llm, prompt, args.tokens, steps)
+    for steps, dynamic in itertools.product(args.steps, [False, True] if args.dynamic else [False]):
+        sec, got, report = decode_chain(llm, prompt, args.tokens, steps, dynamic)
         same = sum(a == b for a, b in zip(got, reference))
-        row["loop"][steps] = {"ms_per_token": sec * 1e3, "tokens_equal": same, "of": len(reference)}
-        print(f"    {steps:3d} steps per call: {sec * 1e3:.2f} ms/token, {same}/{len(reference)} tokens equal the "
-              f"engine's", flush=True)
+        kind = "dynamic" if dynamic else "static"
+        row["loop"][f"{steps}-{kind}"] = {"ms_per_token": sec * 1e3, "tokens_equal": same, "of": len(reference),
+                                          **report}
+        print(f"    {steps:3d} steps per call ({kind} trip count): {sec * 1e3:.2f} ms/token, {same}/{len(reference)} "
+              f"tokens equal the engine's; compiled in {report['compile_s']:.1f} s, {report['while_ops']} while "
+              f"loops in the optimized HLO ({report['hlo_chars'] / 1e6:.1f} M chars)", flush=True)
     return row
 
 
@@ -127,6 +140,7 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--steps", nargs="+", type=int, default=[1, 4, 8, 16])
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--dynamic", action="store_true", help="each --steps also with the trip count as an argument")
     ap.add_argument("--prompt-len", type=int, default=128)
     # the engine's sizes: quant_h100.py's engine table (max_num_seqs is EngineConfig's default)
     ap.add_argument("--max-num-seqs", type=int, default=64)
