@@ -23,10 +23,12 @@ returns at once; `fetch` waits, so the engine can launch the next step first.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import itertools
 import math
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -51,6 +53,7 @@ MIN_DECODE_ROWS = {"cpu": 1}  # smallest decode bucket per platform; others (GPU
 ONE_ROW_QUANTIZATIONS = ("int8",)
 SAMPLER_MODES = ("greedy", "sample", "sample-sort")
 PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for prompt logprobs
+COMPILE_THREADS = 8  # warm-up compiles this many step executables at a time (at most one per CPU core)
 STABLE_ADDRESSES = True  # one device: the step's inputs and outputs keep their buffers (ModelRunner.__init__)
 
 
@@ -401,14 +404,13 @@ class ModelRunner:
                 jnp.zeros((num_tokens, c.hidden_size), self.loaded.dtype, device=self.replicated))
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile every bucket now, by running it once on an empty batch (its writes go to the dropped
-        padding slot) with each sampler mode (and, for prefill shapes, prompt logprobs); the persistent
-        compilation cache makes a restart fast."""
+        """Compile every bucket now: the model's executables ahead of time on several threads (_compile_ahead), then
+        each bucket run once on an empty batch (its writes go to the dropped padding slot) with each sampler mode
+        (and, for prefill shapes, prompt logprobs); the persistent compilation cache makes a restart fast."""
         keys = self.all_buckets()
         t0 = time.perf_counter()
-        for i, key in enumerate(keys):
-            if progress:
-                progress(f"compiling step {i + 1}/{len(keys)} (tokens={key[0]}, seqs={key[1]})")
+        self._compile_ahead(keys, progress)
+        for key in keys:
             inputs = self._pack([], [], [], key, [])
             for mode in SAMPLER_MODES:
                 jax.block_until_ready(self._run_step(key, inputs, mode, prompt_logprobs=mode == "greedy"))
@@ -419,6 +421,38 @@ class ModelRunner:
         self.register(self.num_slots - 1, [], [], None, [])  # the sampler's register compiles its one shape
         if progress:
             progress(f"compiled {len(keys)} step shapes in {time.perf_counter() - t0:.1f} s")
+
+    def _compile_ahead(self, keys: list[tuple[int, int, int]], progress: Callable[[str], None] | None) -> None:
+        """Compile each bucket's model executables (the forward, and a decode bucket's multi-step forms) on
+        COMPILE_THREADS threads: XLA compiles with the GIL released, so the compilations overlap. Each is traced
+        with the very arrays its run will get, so the run finds it in jit's cache (prompt logprobs, whose input is
+        the forward's output, and the small sampler functions compile in the runs)."""
+        jobs = []
+        for key in keys:
+            (x, layout), _ = self._pack([], [], [], key, [])
+            x = jax.make_array_from_process_local_data(self.replicated, x)
+            x = self._staged_copy("x", x) if self._stable_addresses else x
+            out_bufs = self._new_out_bufs(key) if self._stable_addresses else ()
+            jobs.append((self._forward, (self.loaded.params, self.kv_caches, self.prev_tokens, x, layout, out_bufs)))
+            if key[2] == 1 and self.num_steps > 1:
+                (x, layout), (st, st_layout) = self._pack([], [], [], key, [], limits=[])
+                x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
+                if self._stable_addresses:
+                    x, st = self._staged_copy("x", x), self._staged_copy("st", st)
+                jobs += [(self._decode_steps, (self.loaded.params, self.kv_caches, self.prev_tokens, self.sampler_state,
+                                               x, layout, st, st_layout, self.num_steps, mode))
+                         for mode in SAMPLER_MODES]
+
+        def compile_one(job: tuple) -> None:
+            fn, args = job
+            with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
+                fn.trace(*args).lower().compile()
+
+        threads = min(COMPILE_THREADS, os.cpu_count() or 1, len(jobs))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for i, _ in enumerate(pool.map(compile_one, jobs)):
+                if progress:
+                    progress(f"compiled {i + 1}/{len(jobs)} step executables ({threads} threads)")
 
     def _pack(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple], key: tuple[int, int, int],
               prompt_targets: list[list[int] | int], prev_rows: list[int] | None = None,

@@ -6,7 +6,9 @@ References: transformers (torch, float32) on the same weights, and the same engi
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import random
 import shutil
 
@@ -263,12 +265,24 @@ def test_engine_step_api_and_abort(llama):
 
 
 def test_warmup_compiles_every_shape_once(tiny_model):
-    """After warm-up, a varied workload (lengths, batch sizes, sampling, penalties, logprobs, n; one and two
-    decode steps per launch) compiles nothing."""
+    """Warm-up compiles each model executable once (ahead of time, on threads: its run finds it compiled); after
+    it, a varied workload (lengths, batch sizes, sampling, penalties, logprobs, n; one and two decode steps per
+    launch) compiles nothing."""
     path, _ = tiny_model("llama2")
-    llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=8,
-              max_num_batched_tokens=64, num_scheduler_steps=2, warmup=True)
+    records = io.StringIO()
+    handler = logging.StreamHandler(records)
+    logging.getLogger("jax").addHandler(handler)
+    jax.config.update("jax_log_compiles", True)  # (a config context would not reach the compiling threads)
+    try:
+        llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=8,
+                  max_num_batched_tokens=64, num_scheduler_steps=2, warmup=True)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logging.getLogger("jax").removeHandler(handler)
     runner = llm.llm_engine.runner
+    compiled = records.getvalue()
+    assert compiled.count("Compiling jit(_forward_fn)") == len(runner.all_buckets())
+    assert compiled.count("Compiling jit(_decode_steps_fn)") == 3 * len(runner.decode_buckets)
     warm = runner.num_compilations
     assert warm >= len(runner.all_buckets()) + 3 * len(runner.decode_buckets)
     compiles = []
