@@ -53,7 +53,9 @@ MIN_DECODE_ROWS = {"cpu": 1}  # smallest decode bucket per platform; others (GPU
 ONE_ROW_QUANTIZATIONS = ("int8",)
 SAMPLER_MODES = ("greedy", "sample", "sample-sort")
 PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for prompt logprobs
-COMPILE_THREADS = 8  # warm-up compiles this many step executables at a time (at most one per CPU core)
+# step executables warm-up compiles at a time (at most one per CPU core; env JAXLLM_COMPILE_THREADS): 8 on a CPU;
+# 1 elsewhere until measured there (compilations that overlap on one GPU also autotune its matmuls at once)
+COMPILE_THREADS = {"cpu": 8}
 STABLE_ADDRESSES = True  # one device: the step's inputs and outputs keep their buffers (ModelRunner.__init__)
 
 
@@ -424,7 +426,7 @@ class ModelRunner:
 
     def _compile_ahead(self, keys: list[tuple[int, int, int]], progress: Callable[[str], None] | None) -> None:
         """Compile each bucket's model executables (the forward, and a decode bucket's multi-step forms) on
-        COMPILE_THREADS threads: XLA compiles with the GIL released, so the compilations overlap. Each is traced
+        compile_threads() threads: XLA compiles with the GIL released, so the compilations overlap. Each is traced
         with the very arrays its run will get, so the run finds it in jit's cache (prompt logprobs, whose input is
         the forward's output, and the small sampler functions compile in the runs)."""
         jobs = []
@@ -448,7 +450,7 @@ class ModelRunner:
             with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
                 fn.trace(*args).lower().compile()
 
-        threads = min(COMPILE_THREADS, os.cpu_count() or 1, len(jobs))
+        threads = min(compile_threads(self.platform), os.cpu_count() or 1, max(len(jobs), 1))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for i, _ in enumerate(pool.map(compile_one, jobs)):
                 if progress:
@@ -539,6 +541,14 @@ class ModelRunner:
                  stop_ids: list[int]) -> None:
         """Load a newly admitted sequence's history into its sampler slot (penalties, bias, min_tokens)."""
         self.sampler_state = sampler.register(self.sampler_state, slot, prompt_ids, output_ids, logit_bias, stop_ids)
+
+
+def compile_threads(platform: str) -> int:
+    """How many step executables warm-up compiles at once: JAXLLM_COMPILE_THREADS, else COMPILE_THREADS."""
+    value = os.environ.get("JAXLLM_COMPILE_THREADS", str(COMPILE_THREADS.get(platform, 1)))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"JAXLLM_COMPILE_THREADS must be a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def _input_ids(x: StepInputs, prev_tokens: jax.Array) -> jax.Array:

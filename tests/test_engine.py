@@ -424,3 +424,16 @@ def test_decode_buckets(platform, quantization, max_num_seqs, layout, want):
     from jaxllm.runner import decode_buckets
 
     assert decode_buckets(platform, quantization, max_num_seqs, layout) == want
+
+
+def test_compile_threads(monkeypatch):
+    from jaxllm.runner import compile_threads
+
+    monkeypatch.delenv("JAXLLM_COMPILE_THREADS", raising=False)
+    assert (compile_threads("cpu"), compile_threads("gpu")) == (8, 1)
+    monkeypatch.setenv("JAXLLM_COMPILE_THREADS", "3")
+    assert compile_threads("gpu") == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("JAXLLM_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="JAXLLM_COMPILE_THREADS must be a whole number >= 1"):
+            compile_threads("cpu")

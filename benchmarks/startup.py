@@ -1,0 +1,77 @@
+"""Engine start-up on the 8B shape (load + warm-up), by decode steps per launch and compile threads.
+
+    PYTHONPATH=. python benchmarks/startup.py [--model DIR] [--quantization int4] [--runs 1:1:cold 8:8:cold 8:8:warm]
+        [--out DIR]
+
+Each run STEPS:THREADS:CACHE is a fresh process (this script again, with --child) that builds the engine at the
+sizes of quant_h100.py's engine table with warm-up on, num_scheduler_steps=STEPS and JAXLLM_COMPILE_THREADS=THREADS,
+on a compilation cache that is empty (cold) or the one the previous run filled (warm). It prints the start-up
+seconds and the executables compiled, then the batch-1 decode time (bench.time_decode, 128 in / 64 out, median of
+3), so that a compile setting which changes the kernels XLA picks (overlapping compilations autotune at once)
+shows up. Random weights (--load-format dummy), quantized at load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def child(args: argparse.Namespace) -> None:
+    t = time.perf_counter()
+    from jaxllm import LLM, bench
+
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=args.quantization or None,
+              num_scheduler_steps=args.steps, max_num_seqs=64, num_kv_pages=4096, max_model_len=2048,
+              max_num_batched_tokens=2048, enable_prefix_caching=False, warmup=True)
+    startup = time.perf_counter() - t
+    r = bench.time_decode(llm, 1, 128, 64, num_iters=3)
+    print("RESULT " + json.dumps({"startup_s": startup, "executables": llm.llm_engine.runner.num_compilations,
+                                  "decode_ms_per_token": r["decode_ms_per_token"]}), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="benchmarks/models/llama-3.1-8b")
+    ap.add_argument("--quantization", default="int4", help="int8 | int4 | '' (bf16)")
+    ap.add_argument("--runs", nargs="+", default=["1:1:cold", "8:8:cold", "8:8:warm"])
+    ap.add_argument("--timeout", type=int, default=400, help="seconds per run")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    import jax
+
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    rows, cache = [], None
+    for run in args.runs:
+        steps, threads, state = run.split(":")
+        if state == "cold" or cache is None:
+            cache = tempfile.mkdtemp(prefix="xla_cache_")
+        env = {**os.environ, "JAXLLM_COMPILATION_CACHE": cache, "JAXLLM_COMPILE_THREADS": threads}
+        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--quantization", args.quantization,
+               "--steps", steps]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            out = proc.stdout.split("RESULT ", 1)
+            row = json.loads(out[1]) if len(out) == 2 else {"error": proc.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            row = {"error": f"not started within {args.timeout} s"}
+        row.update(run=run, quantization=args.quantization)
+        rows.append(row)
+        print(json.dumps(row)[:400], flush=True)
+    with open(os.path.join(args.out, "startup.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
