@@ -237,7 +237,9 @@ class LLMEngine:
         With async_scheduling the device runs step N while the host appends step N-1's tokens,
         detokenizes them and checks the stop conditions: a sequence samples into a placeholder token that
         step N+1 reads straight from step N's output on the device, and a sequence found finished one step
-        late has its extra token dropped. Without it, each step is launched and finished in one call."""
+        late has its extra token dropped. Without it, each step is launched and finished in one call. With
+        num_scheduler_steps > 1 a decode-only batch runs that many steps in one launch: each sequence gets that
+        many placeholders (up to its max_tokens), and the stop conditions drop the tokens past a stop."""
         batch = self.scheduler.schedule()
         launched = self._launch(batch) if batch.seqs else None
         if launched is None and self._inflight is None and self.scheduler.has_unfinished():

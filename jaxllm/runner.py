@@ -53,9 +53,10 @@ MIN_DECODE_ROWS = {"cpu": 1}  # smallest decode bucket per platform; others (GPU
 ONE_ROW_QUANTIZATIONS = ("int8",)
 SAMPLER_MODES = ("greedy", "sample", "sample-sort")
 PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for prompt logprobs
-# step executables warm-up compiles at a time (at most one per CPU core; env JAXLLM_COMPILE_THREADS): 8 on a CPU;
-# 1 elsewhere until measured there (compilations that overlap on one GPU also autotune its matmuls at once)
-COMPILE_THREADS = {"cpu": 8}
+# step executables warm-up compiles at a time (at most one per CPU core; env JAXLLM_COMPILE_THREADS): 1 until
+# threads are proven safe (a CI run that had compiled on 2 threads aborted later in an executable's serialization,
+# cause unknown) and measured on a GPU (compilations that overlap there also autotune its matmuls at once)
+COMPILE_THREADS: dict[str, int] = {}
 STABLE_ADDRESSES = True  # one device: the step's inputs and outputs keep their buffers (ModelRunner.__init__)
 
 

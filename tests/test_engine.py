@@ -430,7 +430,7 @@ def test_compile_threads(monkeypatch):
     from jaxllm.runner import compile_threads
 
     monkeypatch.delenv("JAXLLM_COMPILE_THREADS", raising=False)
-    assert (compile_threads("cpu"), compile_threads("gpu")) == (8, 1)
+    assert (compile_threads("cpu"), compile_threads("gpu")) == (1, 1)
     monkeypatch.setenv("JAXLLM_COMPILE_THREADS", "3")
     assert compile_threads("gpu") == 3
     for bad in ("0", "two", "-1"):
