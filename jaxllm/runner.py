@@ -53,9 +53,10 @@ MIN_DECODE_ROWS = {"cpu": 1}  # smallest decode bucket per platform; others (GPU
 ONE_ROW_QUANTIZATIONS = ("int8",)
 SAMPLER_MODES = ("greedy", "sample", "sample-sort")
 PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for prompt logprobs
-# step executables warm-up compiles at a time (at most one per CPU core; env JAXLLM_COMPILE_THREADS): 1 until
-# threads are proven safe (a CI run that had compiled on 2 threads aborted later in an executable's serialization,
-# cause unknown) and measured on a GPU (compilations that overlap there also autotune its matmuls at once)
+# step executables warm-up compiles at a time (at most one per CPU core; env JAXLLM_COMPILE_THREADS): 1, on the
+# calling thread, until worker threads are proven safe (two CI runs that had compiled on a worker thread aborted
+# later in an executable's serialization, cause unknown) and measured on a GPU (compilations that overlap there
+# also autotune its matmuls at once)
 COMPILE_THREADS: dict[str, int] = {}
 STABLE_ADDRESSES = True  # one device: the step's inputs and outputs keep their buffers (ModelRunner.__init__)
 
@@ -452,8 +453,9 @@ class ModelRunner:
                 fn.trace(*args).lower().compile()
 
         threads = min(compile_threads(self.platform), os.cpu_count() or 1, max(len(jobs), 1))
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            for i, _ in enumerate(pool.map(compile_one, jobs)):
+        with (concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext()) as pool:
+            # one thread: this one (CI aborted twice, later in the process, after compiling on a worker thread)
+            for i, _ in enumerate(pool.map(compile_one, jobs) if pool else map(compile_one, jobs)):
                 if progress:
                     progress(f"compiled {i + 1}/{len(jobs)} step executables ({threads} threads)")
 
