@@ -356,14 +356,12 @@ class ModelRunner:
                 self._seen.add(variant)
                 self.num_compilations += 1
         (x, x_layout), (st, st_layout) = inputs
-        # Every process (multi-host: after jax.distributed.initialize) holds the same batch: one global array.
-        x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
+        x, st = self._device_inputs(x, st)
         out_bufs = ()
         if self._stable_addresses:
-            x = self._staged_copy("x", x)
             last, self._last_out = self._last_out, None
             out_bufs = last[1] if last and last[0] == key else self._new_out_bufs(key)
-        with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
+        with self._mesh():
             logits, hidden, self.kv_caches = self._forward(self.loaded.params, self.kv_caches, self.prev_tokens,
                                                            x, x_layout, out_bufs)
             if self._stable_addresses:
@@ -383,16 +381,28 @@ class ModelRunner:
             self._seen.add(variant)
             self.num_compilations += 1
         (x, x_layout), (st, st_layout) = inputs
-        x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
-        if self._stable_addresses:
-            x, st = self._staged_copy("x", x), self._staged_copy("st", st)
-        with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
+        x, st = self._device_inputs(x, st, stage_st=True)
+        with self._mesh():
             out, self.prev_tokens, self.kv_caches, self.sampler_state = self._decode_steps(
                 self.loaded.params, self.kv_caches, self.prev_tokens, self.sampler_state, x, x_layout, st, st_layout,
                 num_steps, mode)
         self.last_bucket = key
         self.num_multi_step_launches += 1
         return out
+
+    def _device_inputs(self, x: np.ndarray, st: np.ndarray, stage_st: bool = False) -> tuple[jax.Array, jax.Array]:
+        """The packed inputs as global arrays (every process, multi-host after jax.distributed.initialize, holds the
+        same batch); on one device copied into their staging buffers (x always, st when it is a jit input kept
+        across steps)."""
+        x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
+        if self._stable_addresses:
+            x = self._staged_copy("x", x)
+            st = self._staged_copy("st", st) if stage_st else st
+        return x, st
+
+    def _mesh(self) -> contextlib.AbstractContextManager:
+        """The mesh as the current one when the model spans several devices (tensor parallelism)."""
+        return jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext()
 
     def _staged_copy(self, name: str, a: jax.Array) -> jax.Array:
         """`a` copied into the staging buffer of its name and shape (the one the last step of that shape read)."""
@@ -408,7 +418,7 @@ class ModelRunner:
                 jnp.zeros((num_tokens, c.hidden_size), self.loaded.dtype, device=self.replicated))
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile every bucket now: the model's executables ahead of time on several threads (_compile_ahead), then
+        """Compile every bucket now: the model's executables ahead of time (_compile_ahead), then
         each bucket run once on an empty batch (its writes go to the dropped padding slot) with each sampler mode
         (and, for prefill shapes, prompt logprobs); the persistent compilation cache makes a restart fast."""
         keys = self.all_buckets()
@@ -433,23 +443,20 @@ class ModelRunner:
         the forward's output, and the small sampler functions compile in the runs)."""
         jobs = []
         for key in keys:
-            (x, layout), _ = self._pack([], [], [], key, [])
-            x = jax.make_array_from_process_local_data(self.replicated, x)
-            x = self._staged_copy("x", x) if self._stable_addresses else x
+            (x, layout), (st, _) = self._pack([], [], [], key, [])
+            x, _ = self._device_inputs(x, st)
             out_bufs = self._new_out_bufs(key) if self._stable_addresses else ()
             jobs.append((self._forward, (self.loaded.params, self.kv_caches, self.prev_tokens, x, layout, out_bufs)))
             if key[2] == 1 and self.num_steps > 1:
                 (x, layout), (st, st_layout) = self._pack([], [], [], key, [], limits=[])
-                x, st = (jax.make_array_from_process_local_data(self.replicated, a) for a in (x, st))
-                if self._stable_addresses:
-                    x, st = self._staged_copy("x", x), self._staged_copy("st", st)
+                x, st = self._device_inputs(x, st, stage_st=True)
                 jobs += [(self._decode_steps, (self.loaded.params, self.kv_caches, self.prev_tokens, self.sampler_state,
                                                x, layout, st, st_layout, self.num_steps, mode))
                          for mode in SAMPLER_MODES]
 
         def compile_one(job: tuple) -> None:
             fn, args = job
-            with jax.set_mesh(self.loaded.mesh) if self.loaded.mesh.size > 1 else contextlib.nullcontext():
+            with self._mesh():
                 fn.trace(*args).lower().compile()
 
         threads = min(compile_threads(self.platform), os.cpu_count() or 1, max(len(jobs), 1))
