@@ -12,7 +12,8 @@ is a device waiting for the host (quantized steps launch several hundred small k
 time goes is listed by event name (a `command_buffer::update` per step means XLA re-records the CUDA graph:
 some buffer moved, which --pointers shows). Suffixes switch a path off (VARIANTS): "-apart" runs q/k/v and
 gate/up as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel, "-kn" keeps the
-quantized kernels [in, out] (load_model picks the transposed nk layout on a Hopper GPU).
+quantized kernels [in, out] (load_model picks the transposed nk layout on a Hopper GPU), "-rowapart" runs one
+row of q/k/v as before xla.row_matmul_many. "one layer" lists a middle layer's kernels in launch order.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import gzip
 import json
 import os
 import statistics
@@ -41,6 +43,7 @@ VARIANTS = {
                (quant_matmul.reference, "alike", lambda mats: False)],  # (the nk layout's too)
     "-triton": [(quant_matmul, "HOPPER_MIN_ROWS", 10 ** 9)],  # int4 at 17-64 rows in gpu.py's kernel too
     "-kn": [(weights, "_quant_layout", lambda *a: "kn")],  # the [in, out] layout on a Hopper GPU too
+    "-rowapart": [(quant_matmul, "ROW_MANY", False)],  # one row of q/k/v: a reduction or kernel call each
 }
 CHOICES = [*CONFIGS, *(c + v for c in CONFIGS if c != "bf16" for v in VARIANTS)]
 
@@ -93,11 +96,31 @@ def profile_config(label: str, args: argparse.Namespace, shown: str | None = Non
     for k, n, d in row["top"]:
         print(f"    {n:6.1f}/step  median {d:8.1f} us  {k}", flush=True)
     row.update(idle_and_host(events, host, args.tokens))
+    row["layer"] = one_layer(events)
     return row  # the engine goes with this frame; the caller collects it before the next config loads
 
 
+def one_layer(events: list[dict]) -> list[tuple[str, float]]:
+    """The kernels of one decoder layer in launch order (name, us): those from a middle step's 10th attention
+    kernel up to its 11th, on the stream that ran the most kernels."""
+    streams = collections.defaultdict(list)
+    for e in events:
+        streams[e["pid"], e["tid"]].append(e)
+    evs = sorted(max(streams.values(), key=len), key=lambda e: e["ts"])
+    attn = [i for i, e in enumerate(evs) if "attention" in e["name"]]
+    if len(attn) < 12:
+        return []
+    start = attn[len(attn) // 2 // 32 * 32 + 10] if len(attn) >= 64 else attn[10]
+    end = next(i for i in attn if i > start)
+    layer = [(e["name"][:70], e["dur"]) for e in evs[start:end]]
+    print(f"    one layer: {len(layer)} kernels, {sum(d for _, d in layer):.1f} us:", flush=True)
+    for name, dur in layer:
+        print(f"        {dur:7.1f}  {name}", flush=True)
+    return layer
+
+
 def dump_step_hlo(llm: LLM, run, path: str) -> None:
-    """The optimized HLO of the last decode step's forward, written to `path` (fusion names as the trace shows
+    """The optimized HLO of the last decode step's forward, written gzipped to `path`.gz (fusion names as the trace shows
     them, with '.' for '_')."""
     step_runner = llm.llm_engine.runner
     orig, seen = step_runner._forward, []
@@ -112,7 +135,7 @@ def dump_step_hlo(llm: LLM, run, path: str) -> None:
         run(3)
     finally:
         step_runner._forward = orig
-    with open(path, "w") as f:
+    with gzip.open(path + ".gz", "wt") as f:
         f.write(orig.trace(*seen[-1]).lower().compile().as_text())
 
 

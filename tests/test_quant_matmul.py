@@ -20,8 +20,8 @@ import pytest
 
 import pallas_kernels.quant_matmul as quant_matmul
 from pallas_kernels.quant_matmul import (cpu, gpu, hopper, hopper_nk, int8_dot_two_level, pack_half, pack_int4,
-                                        quant_linear, quant_linear_many, quantize, reference, row_matmul, to_nk,
-                                        tpu, unpack_int4)
+                                        quant_linear, quant_linear_many, quantize, reference, row_matmul,
+                                        row_matmul_many, to_nk, tpu, unpack_int4)
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -323,6 +323,27 @@ def test_row_matmul_matches_the_oracle(m, bits, groups):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * top)
 
 
+@pytest.mark.parametrize("bits,groups", [(8, 1), (4, 4)])
+def test_row_matmul_many_is_one_pass_over_every_matrix(bits, groups):
+    """One row of q/k/v-like matrices (N 256, 64, 64) through xla.row_matmul_many: each output equals the
+    oracle's and the HLO sums [64, K] pieces only. quant_linear_many in the nk layout takes that path for int8
+    (int4 pieces were copied out on an H200: one reduction each there)."""
+    mats, wants = [], []
+    x = jax.random.normal(jax.random.key(bits), (1, 512), jnp.float32)
+    for i, n in enumerate((256, 64, 64)):
+        _, _, half, (q, scale, zero) = make(1, 512, n, bits, groups, jnp.float32, seed=10 * i + bits)
+        mats.append((to_nk(q, half), scale, zero))
+        wants.append(reference.quant_matmul(x, q, scale, zero, half))
+    for got in (row_matmul_many(x, mats), quant_linear_many(x, mats, None, jnp.float32, "xla", nk=True)):
+        for g, want in zip(got, wants):
+            np.testing.assert_allclose(g, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    pieces = f"tensor<64x{groups}xf32>"  # per-group sums of a 64-row piece
+    assert pieces in jax.jit(row_matmul_many).lower(x, mats).as_text()
+    layer = jax.jit(lambda x, mats: quant_linear_many(x, mats, None, jnp.float32, "xla", nk=True)).lower(x, mats)
+    assert (pieces in layer.as_text() and f"tensor<256x{groups}xf32>" not in layer.as_text()) == (bits == 8)
+    assert row_matmul_many(x, [mats[0], (mats[1][0][:1], mats[1][1][:, :1], None)]) is None  # 256 pieces of one
+
+
 def test_hopper_nk_kernel_rejects_what_it_cannot_take():
     x, _, half, (q, scale, zero) = make(2, 256, 128, 4, 8, jnp.bfloat16, seed=3)  # groups of 32
     assert not hopper_nk.supported(2, 256, 128, 32) and not hopper_nk.supported(65, 256, 128, 256)
@@ -358,7 +379,7 @@ def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
 
 @pytest.mark.parametrize("m,ns,bits,groups,calls", [
     (1, (14336, 14336), 4, 32, "_x2"),        # int4 gate/up at one row: both through the kernel, one call
-    (1, (4096, 1024, 1024), 4, 32, None),     # int4 q/k/v at one row: the row reduction, apart
+    (1, (4096, 1024, 1024), 4, 32, None),     # int4 q/k/v at one row: one row reduction (row_matmul_many)
     (8, (4096, 1024, 1024), 8, 1, "_x3"),     # int8 q/k/v at 8 rows: one call
     (64, (14336, 14336), 4, 32, "_x2"),       # int4 gate/up at 64 rows (fits the H100's shared memory)
 ])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.quant_matmul import cpu, gpu, hopper, hopper_nk, reference, tpu
 from pallas_kernels.quant_matmul.reference import dequantize, pack_half, pack_int4, quantize, to_nk, unpack_int4
-from pallas_kernels.quant_matmul.xla import row_matmul
+from pallas_kernels.quant_matmul.xla import row_matmul, row_matmul_many
 
 # The attention backends (jaxllm.attention.BACKENDS) whose platform runs the Pallas GPU kernel here, and
 # those that run the C++ kernel when the platform is a CPU ("sharded": tensor parallel, XLA only).
@@ -23,6 +23,9 @@ ROW_MAX_ROWS = 1  # the nk layout's XLA row reduction (xla.py) reads W once per 
 ROW_KERNEL_INT4 = 1 << 25  # int4 W of this many weights or more (gate/up/down: 19-23 us against 26-27)
 ROW_MAX_N = 32768  # int8 W wider than this (LM heads: 160 us against 222), or deeper than wide (down_proj: 23
 #                   against 27; k/v_proj: 3.6 us in the model, 5 through the row reduction)
+# One row of int8 q/k/v through one fused row reduction (xla.row_matmul_many): 10.3 us on an H200 against 14.7
+# for q's reduction and k/v's kernel calls. Not int4: XLA copies each int4 piece out before reducing it.
+ROW_MANY = True
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
@@ -103,14 +106,20 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
                       nk: bool = False) -> list[jax.Array]:
     """quant_linear of one x by several (w, scale, zero) (a layer's q/k/v, or gate/up): on a GPU backend one
     kernel call for all of them when they tile alike (gpu.quant_matmul_many; in the nk layout on an
-    H100/H200 hopper_nk.quant_matmul_many, when each would run that kernel alone), otherwise one call each."""
+    H100/H200 hopper_nk.quant_matmul_many, when each would run that kernel alone). One row of int8 in the nk
+    layout otherwise takes one pass over all of them (xla.row_matmul_many; not under tensor parallelism, where
+    its pieces would cut across shards). Otherwise one call each."""
     m, k = x.shape
     if backend in KERNEL_BACKENDS and len(mats) > 1 and not nk and gpu.supported_many(m, k, mats, half):
         outs = gpu.quant_matmul_many(x.astype(dtype), tuple(mats), half=half, interpret=KERNEL_BACKENDS[backend])
         return [y.astype(dtype) for y in outs]
-    if (nk and len(mats) > 1 and all(_nk_route(m, k, w, s, dtype, backend) == "kernel" for w, s, _ in mats)
-            and reference.alike(mats)):
-        return [y.astype(dtype) for y in hopper_nk.quant_matmul_many(x, tuple(mats))]
+    if nk and len(mats) > 1 and reference.alike(mats):
+        routes = {_nk_route(m, k, w, s, dtype, backend) for w, s, _ in mats}
+        if routes == {"kernel"}:
+            return [y.astype(dtype) for y in hopper_nk.quant_matmul_many(x, tuple(mats))]
+        if (ROW_MANY and m <= ROW_MAX_ROWS and backend != "sharded" and mats[0][0].dtype == jnp.int8
+                and (ys := row_matmul_many(x, mats)) is not None):
+            return [y.astype(dtype) for y in ys]
     return [quant_linear(x, w, scale, zero, half, dtype, backend, nk) for w, scale, zero in mats]
 
 
@@ -134,4 +143,4 @@ def int8_dot_two_level(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Arra
 
 
 __all__ = ["dequantize", "int8_dot_two_level", "pack_half", "pack_int4", "quant_linear", "quant_linear_many",
-           "quantize", "row_matmul", "to_nk", "unpack_int4"]
+           "quantize", "row_matmul", "row_matmul_many", "to_nk", "unpack_int4"]

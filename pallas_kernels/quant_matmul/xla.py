@@ -8,6 +8,8 @@ Each group's sum comes first and is scaled (and shifted by the zero times the gr
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +18,26 @@ def row_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | N
     """x [M, K] @ W with W in the nk layout (int8 [N, K], or jnp.int4 [N, K] holding q - 8), scale (zero)
     [G, N] -> float32 [M, N]. Meant for M = 1: each row of x is another pass over W."""
     return jnp.concatenate([_one_row(x[i], w, scale, zero) for i in range(x.shape[0])])
+
+
+MAX_PIECES = 16  # row_matmul_many cuts no matrix into more pieces than this (else each runs apart)
+
+
+def row_matmul_many(x: jax.Array, mats: list[tuple]) -> list[jax.Array] | None:
+    """row_matmul of x by several nk matrices (w, scale, zero) of one K and group count (a layer's q/k/v) in one
+    pass over their weights: each matrix is cut into [P, K] pieces, P the largest size dividing every N, so
+    that all the row sums have one shape and XLA fuses them into one multi-output reduction, as it fuses
+    gate/up (alike already). None when P would cut a matrix into more than MAX_PIECES."""
+    p = math.gcd(*(scale.shape[1] for _, scale, _ in mats))
+    if any(scale.shape[1] // p > MAX_PIECES for _, scale, _ in mats):
+        return None
+    outs = []
+    for w, scale, zero in mats:
+        cuts = [slice(i, i + p) for i in range(0, scale.shape[1], p)]
+        outs.append(jnp.concatenate([
+            jnp.concatenate([_one_row(row, w[c], scale[:, c], None if zero is None else zero[:, c]) for c in cuts],
+                            axis=1) for row in x]))
+    return outs
 
 
 def _one_row(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None) -> jax.Array:
@@ -37,4 +59,4 @@ def _one_row(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | Non
     return jnp.sum(out, axis=1)[None]
 
 
-__all__ = ["row_matmul"]
+__all__ = ["row_matmul", "row_matmul_many"]
