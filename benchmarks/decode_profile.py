@@ -43,7 +43,8 @@ VARIANTS = {
                (quant_matmul.reference, "alike", lambda mats: False)],  # (the nk layout's too)
     "-triton": [(quant_matmul, "HOPPER_MIN_ROWS", 10 ** 9)],  # int4 at 17-64 rows in gpu.py's kernel too
     "-kn": [(weights, "_quant_layout", lambda *a: "kn")],  # the [in, out] layout on a Hopper GPU too
-    "-rowapart": [(quant_matmul, "ROW_MANY", False)],  # one row of q/k/v: a reduction or kernel call each
+    "-rowapart": [(quant_matmul, "ROW_MANY", False),  # one row of q/k/v: a reduction or kernel call each
+                  (quant_matmul, "ROW_MANY_INT4_KERNEL", False)],
 }
 CHOICES = [*CONFIGS, *(c + v for c in CONFIGS if c != "bf16" for v in VARIANTS)]
 

@@ -379,7 +379,7 @@ def test_hopper_nk_lowers_for_h100(m, k, n, bits, groups, monkeypatch):
 
 @pytest.mark.parametrize("m,ns,bits,groups,calls", [
     (1, (14336, 14336), 4, 32, "_x2"),        # int4 gate/up at one row: both through the kernel, one call
-    (1, (4096, 1024, 1024), 4, 32, None),     # int4 q/k/v at one row: one row reduction (row_matmul_many)
+    (1, (4096, 1024, 1024), 4, 32, "_x3"),    # int4 q/k/v at one row: one call (ROW_MANY_INT4_KERNEL)
     (8, (4096, 1024, 1024), 8, 1, "_x3"),     # int8 q/k/v at 8 rows: one call
     (64, (14336, 14336), 4, 32, "_x2"),       # int4 gate/up at 64 rows (fits the H100's shared memory)
 ])

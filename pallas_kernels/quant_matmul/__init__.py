@@ -26,6 +26,7 @@ ROW_MAX_N = 32768  # int8 W wider than this (LM heads: 160 us against 222), or d
 # One row of int8 q/k/v through one fused row reduction (xla.row_matmul_many): 10.3 us on an H200 against 14.7
 # for q's reduction and k/v's kernel calls. Not int4: XLA copies each int4 piece out before reducing it.
 ROW_MANY = True
+ROW_MANY_INT4_KERNEL = True  # one row of int4 q/k/v through one hopper_nk call (its fixed cost paid once)
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
@@ -71,12 +72,17 @@ def _quant_linear_nk(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Arr
 def _nk_route(m: int, k: int, w: jax.Array, scale: jax.Array, dtype, backend: str) -> str:
     """Where x [M, K] @ W (nk layout) runs: "row" (XLA's row reduction), "kernel" (hopper_nk.py on an
     H100/H200: 2-64 rows, and one row of the layers it reads faster, `_row_kernel`) or "xla" (XLA's dot)."""
-    groups, n = scale.shape
-    kernel = (backend in KERNEL_BACKENDS and jnp.dtype(dtype) == jnp.bfloat16 and _is_hopper(backend)
-              and hopper_nk.supported(m, k, n, k // groups))
-    if m <= ROW_MAX_ROWS and not (kernel and _row_kernel(k, n, w.dtype == jnp.int4)):
+    kernel = _nk_kernel_takes(m, k, scale, dtype, backend)
+    if m <= ROW_MAX_ROWS and not (kernel and _row_kernel(k, scale.shape[1], w.dtype == jnp.int4)):
         return "row"
     return "kernel" if kernel else "xla"
+
+
+def _nk_kernel_takes(m: int, k: int, scale: jax.Array, dtype, backend: str) -> bool:
+    """Whether hopper_nk.py's kernel runs x [M, K] @ W (nk layout, `scale` [G, N]) here: bf16 on an H100/H200."""
+    groups, n = scale.shape
+    return (backend in KERNEL_BACKENDS and jnp.dtype(dtype) == jnp.bfloat16 and _is_hopper(backend)
+            and hopper_nk.supported(m, k, n, k // groups))
 
 
 def _row_kernel(k: int, n: int, int4: bool) -> bool:
@@ -115,7 +121,9 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
         return [y.astype(dtype) for y in outs]
     if nk and len(mats) > 1 and reference.alike(mats):
         routes = {_nk_route(m, k, w, s, dtype, backend) for w, s, _ in mats}
-        if routes == {"kernel"}:
+        one_call = (ROW_MANY_INT4_KERNEL and m <= ROW_MAX_ROWS and mats[0][0].dtype == jnp.int4
+                    and all(_nk_kernel_takes(m, k, s, dtype, backend) for _, s, _ in mats))
+        if routes == {"kernel"} or one_call:
             return [y.astype(dtype) for y in hopper_nk.quant_matmul_many(x, tuple(mats))]
         if (ROW_MANY and m <= ROW_MAX_ROWS and backend != "sharded" and mats[0][0].dtype == jnp.int8
                 and (ys := row_matmul_many(x, mats)) is not None):
