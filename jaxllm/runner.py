@@ -352,9 +352,7 @@ class ModelRunner:
         if num_steps > 1:
             return self._run_decode_steps(key, inputs, mode, num_steps), None
         for variant in (key, (key[1], mode), (*key, "prompt_logprobs") if prompt_logprobs else None):
-            if variant is not None and variant not in self._seen:
-                self._seen.add(variant)
-                self.num_compilations += 1
+            self._count_variant(variant)
         (x, x_layout), (st, st_layout) = inputs
         x, st = self._device_inputs(x, st)
         out_bufs = ()
@@ -376,10 +374,7 @@ class ModelRunner:
         return out, plp
 
     def _run_decode_steps(self, key: tuple[int, int, int], inputs: tuple, mode: str, num_steps: int) -> jax.Array:
-        variant = (*key, mode, num_steps)
-        if variant not in self._seen:
-            self._seen.add(variant)
-            self.num_compilations += 1
+        self._count_variant((*key, mode, num_steps))
         (x, x_layout), (st, st_layout) = inputs
         x, st = self._device_inputs(x, st, stage_st=True)
         with self._mesh():
@@ -389,6 +384,12 @@ class ModelRunner:
         self.last_bucket = key
         self.num_multi_step_launches += 1
         return out
+
+    def _count_variant(self, variant: tuple | None) -> None:
+        """Count an executable shape the first time a step uses it (num_compilations: what warm-up must cover)."""
+        if variant is not None and variant not in self._seen:
+            self._seen.add(variant)
+            self.num_compilations += 1
 
     def _device_inputs(self, x: np.ndarray, st: np.ndarray, stage_st: bool = False) -> tuple[jax.Array, jax.Array]:
         """The packed inputs as global arrays (every process, multi-host after jax.distributed.initialize, holds the
