@@ -301,9 +301,9 @@ class LLMEngine:
     def _decode_limits(self, batch: ScheduledBatch) -> list[int] | None:
         """When a decode-only batch runs runner.num_steps steps in one launch: the steps of each sequence (up to its
         max_tokens), with their KV pages allocated; None runs one step (a sequence under min_tokens, whose stop
-        tokens are banned step by step, or too few free pages)."""
+        tokens are banned step by step, too few free pages, or its shape's multi-step forms still compiling)."""
         k = self.runner.num_steps
-        if k == 1 or not batch.is_decode_only:
+        if k == 1 or not batch.is_decode_only or not self.runner.multi_step_ready(len(batch.seqs)):
             return None
         limits, pages = [], 0
         for seq in batch.seqs:

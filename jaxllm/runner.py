@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import functools
 import itertools
+import logging
 import math
 import os
 import time
@@ -58,6 +59,10 @@ PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for pr
 # later in an executable's serialization, cause unknown) and measured on a GPU (compilations that overlap there
 # also autotune its matmuls at once)
 COMPILE_THREADS: dict[str, int] = {}
+# Platforms where warm-up leaves the multi-step forms (num_scheduler_steps > 1) to one background thread (env
+# JAXLLM_MULTI_STEP_BACKGROUND=1 / 0 overrides): a decode shape runs single steps until its forms are compiled.
+# On an H200 each is a whole-model compile, ~18 s for the 8B, 15 of them; none yet, until measured on a GPU.
+BACKGROUND_MULTI_STEP: dict[str, bool] = {}
 STABLE_ADDRESSES = True  # one device: the step's inputs and outputs keep their buffers (ModelRunner.__init__)
 
 
@@ -245,6 +250,9 @@ class ModelRunner:
         self._seen: set[tuple[int, int, int]] = set()
         self.num_compilations = 0  # step shapes compiled (or loaded from the persistent cache) so far
         self.num_multi_step_launches = 0  # launches that ran num_steps > 1 decode steps
+        # decode bucket sizes whose multi-step forms a background compile has not finished (warmup)
+        self._multi_step_pending: set[int] = set()
+        self._background: concurrent.futures.Future | None = None
         self.last_bucket: tuple[int, int, int] | None = None  # (num_tokens, num_seqs, max_query_len) of the last step
 
     # ------------------------------------------------------------------------------ device side
@@ -421,51 +429,93 @@ class ModelRunner:
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile every bucket now: the model's executables ahead of time (_compile_ahead), then
         each bucket run once on an empty batch (its writes go to the dropped padding slot) with each sampler mode
-        (and, for prefill shapes, prompt logprobs); the persistent compilation cache makes a restart fast."""
+        (and, for prefill shapes, prompt logprobs); the persistent compilation cache makes a restart fast. With
+        num_scheduler_steps > 1 each decode bucket's multi-step forms too, or, where multi_step_background(), on
+        one background thread after warm-up returns (multi_step_ready, wait_for_multi_step)."""
         keys = self.all_buckets()
         t0 = time.perf_counter()
-        self._compile_ahead(keys, progress)
+        background = self.num_steps > 1 and multi_step_background(self.platform)
+        self._compile_ahead(keys, progress, multi_step=not background)
         for key in keys:
             inputs = self._pack([], [], [], key, [])
             for mode in SAMPLER_MODES:
                 jax.block_until_ready(self._run_step(key, inputs, mode, prompt_logprobs=mode == "greedy"))
-            if self.num_steps > 1 and key[2] == 1:  # a decode bucket also runs several steps per launch
+            if self.num_steps > 1 and key[2] == 1 and not background:  # a decode bucket's multi-step launches
                 inputs = self._pack([], [], [], key, [], limits=[])
                 for mode in SAMPLER_MODES:
                     jax.block_until_ready(self._run_step(key, inputs, mode, False, self.num_steps))
         self.register(self.num_slots - 1, [], [], None, [])  # the sampler's register compiles its one shape
         if progress:
             progress(f"compiled {len(keys)} step shapes in {time.perf_counter() - t0:.1f} s")
+        if background:
+            self._compile_multi_step_in_background([k for k in keys if k[2] == 1], progress)
 
-    def _compile_ahead(self, keys: list[tuple[int, int, int]], progress: Callable[[str], None] | None) -> None:
-        """Compile each bucket's model executables (the forward, and a decode bucket's multi-step forms) on
-        compile_threads() threads: XLA compiles with the GIL released, so the compilations overlap. Each is traced
-        with the very arrays its run will get, so the run finds it in jit's cache (prompt logprobs, whose input is
-        the forward's output, and the small sampler functions compile in the runs)."""
+    def multi_step_ready(self, num_seqs: int) -> bool:
+        """Whether a decode-only batch of num_seqs sequences may run num_steps steps in one launch now (False
+        while a background compile of its bucket's multi-step forms is under way: it runs single steps)."""
+        return self.num_steps > 1 and self.bucket_for(num_seqs, num_seqs, True)[0] not in self._multi_step_pending
+
+    def wait_for_multi_step(self) -> None:
+        """Block until the background compile of the multi-step forms is done (raising what it raised)."""
+        if self._background is not None:
+            self._background.result()
+
+    def _compile_multi_step_in_background(self, keys: list[tuple[int, int, int]],
+                                          progress: Callable[[str], None] | None) -> None:
+        """Compile each decode bucket's multi-step forms (smallest bucket first) on one long-lived worker thread,
+        from shapes taken here (their staging buffers made here too): the steps that run meanwhile donate the
+        arrays themselves. A failure is logged; its buckets keep running single steps."""
+        jobs = [(key, jax.tree.map(_abstract, self._multi_step_jobs(key))) for key in sorted(keys)]
+        self._multi_step_pending = {key[0] for key in keys}
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                for key, key_jobs in jobs:
+                    for job in key_jobs:
+                        self._compile_job(job)
+                    self._multi_step_pending.discard(key[0])
+                    if progress:
+                        progress(f"multi-step forms of decode batches <= {key[0]} ready "
+                                 f"({time.perf_counter() - t0:.1f} s in the background)")
+            except Exception:
+                logging.getLogger("jaxllm").exception("compiling the multi-step forms failed; single steps go on")
+                raise
+
+        self._background = _compile_worker().submit(run)
+
+    def _compile_ahead(self, keys: list[tuple[int, int, int]], progress: Callable[[str], None] | None,
+                       multi_step: bool = True) -> None:
+        """Compile each bucket's model executables (the forward, and with `multi_step` a decode bucket's
+        multi-step forms) on compile_threads() threads: XLA compiles with the GIL released, so the compilations
+        overlap. Each is traced with the very arrays its run will get, so the run finds it in jit's cache (prompt
+        logprobs, whose input is the forward's output, and the small sampler functions compile in the runs)."""
         jobs = []
         for key in keys:
             (x, layout), (st, _) = self._pack([], [], [], key, [])
             x, _ = self._device_inputs(x, st)
             out_bufs = self._new_out_bufs(key) if self._stable_addresses else ()
             jobs.append((self._forward, (self.loaded.params, self.kv_caches, self.prev_tokens, x, layout, out_bufs)))
-            if key[2] == 1 and self.num_steps > 1:
-                (x, layout), (st, st_layout) = self._pack([], [], [], key, [], limits=[])
-                x, st = self._device_inputs(x, st, stage_st=True)
-                jobs += [(self._decode_steps, (self.loaded.params, self.kv_caches, self.prev_tokens, self.sampler_state,
-                                               x, layout, st, st_layout, self.num_steps, mode))
-                         for mode in SAMPLER_MODES]
-
-        def compile_one(job: tuple) -> None:
-            fn, args = job
-            with self._mesh():
-                fn.trace(*args).lower().compile()
-
+            if key[2] == 1 and self.num_steps > 1 and multi_step:
+                jobs += self._multi_step_jobs(key)
         threads = min(compile_threads(self.platform), os.cpu_count() or 1, max(len(jobs), 1))
         with (concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext()) as pool:
             # one thread: this one (CI aborted twice, later in the process, after compiling on a worker thread)
-            for i, _ in enumerate(pool.map(compile_one, jobs) if pool else map(compile_one, jobs)):
+            for i, _ in enumerate(pool.map(self._compile_job, jobs) if pool else map(self._compile_job, jobs)):
                 if progress:
                     progress(f"compiled {i + 1}/{len(jobs)} step executables ({threads} threads)")
+
+    def _multi_step_jobs(self, key: tuple[int, int, int]) -> list[tuple]:
+        """(jitted function, arguments) of a decode bucket's multi-step forms, one per sampler mode."""
+        (x, layout), (st, st_layout) = self._pack([], [], [], key, [], limits=[])
+        x, st = self._device_inputs(x, st, stage_st=True)
+        return [(self._decode_steps, (self.loaded.params, self.kv_caches, self.prev_tokens, self.sampler_state,
+                                      x, layout, st, st_layout, self.num_steps, mode)) for mode in SAMPLER_MODES]
+
+    def _compile_job(self, job: tuple) -> None:
+        fn, args = job
+        with self._mesh():
+            fn.trace(*args).lower().compile()
 
     def _pack(self, seqs: list[SeqInput], sample_rows: list[bool], row_params: list[tuple], key: tuple[int, int, int],
               prompt_targets: list[list[int] | int], prev_rows: list[int] | None = None,
@@ -560,6 +610,29 @@ def compile_threads(platform: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"JAXLLM_COMPILE_THREADS must be a whole number >= 1, got {value!r}")
     return int(value)
+
+
+def _abstract(a: Any) -> Any:
+    """An array as its shape, dtype and sharding (what tracing needs); anything else as it is."""
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a
+
+
+@functools.cache
+def _compile_worker() -> concurrent.futures.ThreadPoolExecutor:
+    """One compile thread for the process, never shut down before exit (a worker thread that ended came before both
+    of CI's unexplained aborts, see COMPILE_THREADS)."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-compile")
+
+
+def multi_step_background(platform: str) -> bool:
+    """Whether warm-up compiles the multi-step forms on a background thread: JAXLLM_MULTI_STEP_BACKGROUND (1 or 0),
+    else BACKGROUND_MULTI_STEP."""
+    value = os.environ.get("JAXLLM_MULTI_STEP_BACKGROUND")
+    if value is None:
+        return BACKGROUND_MULTI_STEP.get(platform, False)
+    if value not in ("0", "1"):
+        raise ValueError(f"JAXLLM_MULTI_STEP_BACKGROUND must be 1 or 0, got {value!r}")
+    return value == "1"
 
 
 def _input_ids(x: StepInputs, prev_tokens: jax.Array) -> jax.Array:

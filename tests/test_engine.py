@@ -263,38 +263,47 @@ def test_engine_step_api_and_abort(llama):
     assert engine.kv.num_free == engine.kv.num_pages
 
 
-def test_warmup_compiles_every_shape_once(tiny_model):
-    """Warm-up compiles each model executable once (ahead of time, on threads: its run finds it compiled); after
-    it, a varied workload (lengths, batch sizes, sampling, penalties, logprobs, n; one and two decode steps per
-    launch) compiles nothing."""
+@pytest.mark.parametrize("background", [False, True])
+def test_warmup_compiles_every_shape_once(tiny_model, monkeypatch, background):
+    """Warm-up compiles each model executable once (ahead of time: its run finds it compiled); the multi-step
+    forms before it returns or (JAXLLM_MULTI_STEP_BACKGROUND=1) on a background thread, their decode shape running
+    single steps until they are ready. After it, a varied workload (lengths, batch sizes, sampling, penalties, logprobs, n;
+    one and two decode steps per launch) compiles nothing."""
+    monkeypatch.setenv("JAXLLM_MULTI_STEP_BACKGROUND", str(int(background)))
     path, _ = tiny_model("llama2")
     records = io.StringIO()
     handler = logging.StreamHandler(records)
     logging.getLogger("jax").addHandler(handler)
     jax.config.update("jax_log_compiles", True)  # (a config context would not reach the compiling threads)
     try:
-        llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=8,
-                  max_num_batched_tokens=64, num_scheduler_steps=2, warmup=True)
+        llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_scheduler_steps=2, warmup=True)
+        runner = llm.llm_engine.runner
+        runner.wait_for_multi_step()
     finally:
         jax.config.update("jax_log_compiles", False)
         logging.getLogger("jax").removeHandler(handler)
-    runner = llm.llm_engine.runner
     compiled = records.getvalue()
     assert compiled.count("Compiling jit(_forward_fn)") == len(runner.all_buckets())
     assert compiled.count("Compiling jit(_decode_steps_fn)") == 3 * len(runner.decode_buckets)
     warm = runner.num_compilations
-    assert warm >= len(runner.all_buckets()) + 3 * len(runner.decode_buckets)
+    assert warm >= len(runner.all_buckets()) + 3 * len(runner.decode_buckets) * (not background)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, *_a, **_k: compiles.append(event) if "backend_compile" in event else None)
-    batch = [{"prompt_token_ids": p} for p in mixed_prompts(20, seed=11)]
+    if background:  # a decode shape whose forms are still compiling runs single steps
+        runner._multi_step_pending.add(1)
+        llm.generate({"prompt_token_ids": [5, 6]}, GREEDY, use_tqdm=False)
+        assert runner.num_multi_step_launches == 0 and not runner.multi_step_ready(1)
+        runner._multi_step_pending.clear()
+    batch = [{"prompt_token_ids": p} for p in mixed_prompts(12, seed=11)]
     kinds = [GREEDY, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=9, seed=1),
              SamplingParams(temperature=0, max_tokens=5, repetition_penalty=1.2, logit_bias={5: 2.0}, min_tokens=2),
              SamplingParams(temperature=1.0, n=2, max_tokens=4, logprobs=2, prompt_logprobs=1, seed=2)]
-    llm.generate(batch, [kinds[i % 4] for i in range(20)], use_tqdm=False)
+    llm.generate(batch, [kinds[i % 4] for i in range(12)], use_tqdm=False)
     llm.generate(batch[:1], GREEDY, use_tqdm=False)
-    assert runner.num_compilations == warm and runner.num_multi_step_launches > 0
-    assert compiles == []
+    assert runner.num_multi_step_launches > 0 and compiles == []  # (the background's forms too: none compiled)
+    assert runner.num_compilations == warm or background  # every shape ran in warm-up (not the background's)
 
 
 def test_eos_from_generation_config(tiny_model, tmp_path):
@@ -426,7 +435,7 @@ def test_decode_buckets(platform, quantization, max_num_seqs, layout, want):
 
 
 def test_compile_threads(monkeypatch):
-    from jaxllm.runner import compile_threads
+    from jaxllm.runner import compile_threads, multi_step_background
 
     monkeypatch.delenv("JAXLLM_COMPILE_THREADS", raising=False)
     assert (compile_threads("cpu"), compile_threads("gpu")) == (1, 1)
@@ -436,3 +445,10 @@ def test_compile_threads(monkeypatch):
         monkeypatch.setenv("JAXLLM_COMPILE_THREADS", bad)
         with pytest.raises(ValueError, match="JAXLLM_COMPILE_THREADS must be a whole number >= 1"):
             compile_threads("cpu")
+    monkeypatch.delenv("JAXLLM_MULTI_STEP_BACKGROUND", raising=False)
+    assert not multi_step_background("cpu") and not multi_step_background("gpu")
+    monkeypatch.setenv("JAXLLM_MULTI_STEP_BACKGROUND", "1")
+    assert multi_step_background("cpu")
+    monkeypatch.setenv("JAXLLM_MULTI_STEP_BACKGROUND", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_MULTI_STEP_BACKGROUND must be 1 or 0"):
+        multi_step_background("gpu")
