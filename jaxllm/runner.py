@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -473,6 +474,8 @@ class ModelRunner:
             try:
                 for key, key_jobs in jobs:
                     for job in key_jobs:
+                        if _EXITING.is_set():
+                            return
                         self._compile_job(job)
                     self._multi_step_pending.discard(key[0])
                     if progress:
@@ -617,11 +620,18 @@ def _abstract(a: Any) -> Any:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a
 
 
+_EXITING = threading.Event()  # the interpreter is shutting down: a background compile stops between executables
+
+
 @functools.cache
 def _compile_worker() -> concurrent.futures.ThreadPoolExecutor:
     """One compile thread for the process, never shut down before exit (a worker thread that ended came before both
     of CI's unexplained aborts, see COMPILE_THREADS)."""
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-compile")
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-compile")
+    # Set at exit before the pool's thread is joined (the stdlib hook concurrent.futures itself uses; registered
+    # after the pool's, so it runs first): an exiting process waits for one compile at most.
+    getattr(threading, "_register_atexit", lambda fn: None)(_EXITING.set)
+    return pool
 
 
 def multi_step_background(platform: str) -> bool:
