@@ -435,7 +435,8 @@ class ModelRunner:
         one background thread after warm-up returns (multi_step_ready, wait_for_multi_step)."""
         keys = self.all_buckets()
         t0 = time.perf_counter()
-        background = self.num_steps > 1 and multi_step_background(self.platform)
+        # (one process only: several would each see their forms ready at another step, and run different programs)
+        background = self.num_steps > 1 and multi_step_background(self.platform) and jax.process_count() == 1
         self._compile_ahead(keys, progress, multi_step=not background)
         for key in keys:
             inputs = self._pack([], [], [], key, [])
