@@ -276,8 +276,8 @@ def test_warmup_compiles_every_shape_once(tiny_model, monkeypatch, background):
     logging.getLogger("jax").addHandler(handler)
     jax.config.update("jax_log_compiles", True)  # (a config context would not reach the compiling threads)
     try:
-        llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=4,
-                  max_num_batched_tokens=32, num_scheduler_steps=2, warmup=True)
+        llm = LLM(str(path), dtype="float32", num_kv_pages=64, page_size=PAGE, max_num_seqs=2,
+                  max_num_batched_tokens=16, num_scheduler_steps=2, warmup=True)
         runner = llm.llm_engine.runner
         runner.wait_for_multi_step()
     finally:
@@ -296,11 +296,11 @@ def test_warmup_compiles_every_shape_once(tiny_model, monkeypatch, background):
         llm.generate({"prompt_token_ids": [5, 6]}, GREEDY, use_tqdm=False)
         assert runner.num_multi_step_launches == 0 and not runner.multi_step_ready(1)
         runner._multi_step_pending.clear()
-    batch = [{"prompt_token_ids": p} for p in mixed_prompts(12, seed=11)]
+    batch = [{"prompt_token_ids": p} for p in mixed_prompts(8, seed=11)]
     kinds = [GREEDY, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=9, seed=1),
              SamplingParams(temperature=0, max_tokens=5, repetition_penalty=1.2, logit_bias={5: 2.0}, min_tokens=2),
              SamplingParams(temperature=1.0, n=2, max_tokens=4, logprobs=2, prompt_logprobs=1, seed=2)]
-    llm.generate(batch, [kinds[i % 4] for i in range(12)], use_tqdm=False)
+    llm.generate(batch, [kinds[i % 4] for i in range(8)], use_tqdm=False)
     llm.generate(batch[:1], GREEDY, use_tqdm=False)
     assert runner.num_multi_step_launches > 0 and compiles == []  # (the background's forms too: none compiled)
     assert runner.num_compilations == warm or background  # every shape ran in warm-up (not the background's)
