@@ -121,8 +121,8 @@ def one_layer(events: list[dict]) -> list[tuple[str, float]]:
 
 
 def dump_step_hlo(llm: LLM, run, path: str) -> None:
-    """The optimized HLO of the last decode step's forward, written gzipped to `path`.gz (fusion names as the trace shows
-    them, with '.' for '_')."""
+    """The optimized HLO of the last decode step's forward, written gzipped to `path`.gz (fusion names as the
+    trace shows them, with '.' for '_')."""
     step_runner = llm.llm_engine.runner
     orig, seen = step_runner._forward, []
 

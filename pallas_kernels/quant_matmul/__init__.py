@@ -112,9 +112,9 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
                       nk: bool = False) -> list[jax.Array]:
     """quant_linear of one x by several (w, scale, zero) (a layer's q/k/v, or gate/up): on a GPU backend one
     kernel call for all of them when they tile alike (gpu.quant_matmul_many; in the nk layout on an
-    H100/H200 hopper_nk.quant_matmul_many, when each would run that kernel alone). One row of int8 in the nk
-    layout otherwise takes one pass over all of them (xla.row_matmul_many; not under tensor parallelism, where
-    its pieces would cut across shards). Otherwise one call each."""
+    H100/H200 hopper_nk.quant_matmul_many, when each would run that kernel alone, and for one row of int4).
+    One row of int8 in the nk layout otherwise takes one pass over all of them (xla.row_matmul_many; not under
+    tensor parallelism, where its pieces would cut across shards). Otherwise one call each."""
     m, k = x.shape
     if backend in KERNEL_BACKENDS and len(mats) > 1 and not nk and gpu.supported_many(m, k, mats, half):
         outs = gpu.quant_matmul_many(x.astype(dtype), tuple(mats), half=half, interpret=KERNEL_BACKENDS[backend])
