@@ -266,9 +266,9 @@ def test_engine_step_api_and_abort(llama):
 @pytest.mark.parametrize("background", [False, True])
 def test_warmup_compiles_every_shape_once(tiny_model, monkeypatch, background):
     """Warm-up compiles each model executable once (ahead of time: its run finds it compiled); the multi-step
-    forms before it returns or (JAXLLM_MULTI_STEP_BACKGROUND=1) on a background thread, their decode shape running
-    single steps until they are ready. After it, a varied workload (lengths, batch sizes, sampling, penalties, logprobs, n;
-    one and two decode steps per launch) compiles nothing."""
+    forms before it returns or (JAXLLM_MULTI_STEP_BACKGROUND=1) on a background thread, their decode shape
+    running single steps until they are ready. After it, a varied workload (lengths, batch sizes, sampling,
+    penalties, logprobs, n; one and two decode steps per launch) compiles nothing."""
     monkeypatch.setenv("JAXLLM_MULTI_STEP_BACKGROUND", str(int(background)))
     path, _ = tiny_model("llama2")
     records = io.StringIO()
