@@ -303,7 +303,8 @@ def test_warmup_compiles_every_shape_once(tiny_model, monkeypatch, background):
     llm.generate(batch, [kinds[i % 4] for i in range(8)], use_tqdm=False)
     llm.generate(batch[:1], GREEDY, use_tqdm=False)
     assert runner.num_multi_step_launches > 0 and compiles == []  # (the background's forms too: none compiled)
-    assert runner.num_compilations == warm or background  # every shape ran in warm-up (not the background's)
+    if not background:  # every shape ran in warm-up (the background's forms are compiled, never run, there)
+        assert runner.num_compilations == warm
 
 
 def test_eos_from_generation_config(tiny_model, tmp_path):
