@@ -64,7 +64,7 @@ def profile_config(label: str, args: argparse.Namespace, shown: str | None = Non
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, quantize_lm_head=head,
               max_num_seqs=args.max_num_seqs or args.batch, num_kv_pages=args.kv_pages or 256 * args.batch,
               max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, warmup=False)
+              enable_prefix_caching=False, num_scheduler_steps=args.scheduler_steps, warmup=False)
     vocab = llm.model.config.vocab_size
     prompt = [{"prompt_token_ids": [(i + 7 * b) % vocab for i in range(1000, 1128)]} for b in range(args.batch)]
     def run(n: int = args.tokens) -> float:
@@ -205,6 +205,8 @@ def main() -> int:
     ap.add_argument("--kv-pages", type=int, default=None, help="default: 256 per sequence")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--scheduler-steps", type=int, default=1, help="decode steps per launch (the engine's default "
+                    "is 8 for quantized weights on a GPU; 1 shows each step's kernels)")
     ap.add_argument("--hlo", action="store_true", help="write the decode step's optimized HLO to --out")
     ap.add_argument("--pointers", action="store_true", help="print the step buffers' device addresses")
     ap.add_argument("--fresh-buffers", action="store_true",

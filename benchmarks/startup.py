@@ -68,12 +68,15 @@ def main() -> int:
                "JAXLLM_MULTI_STEP_BACKGROUND": "1" if bg == ["bg"] else "0"}
         cmd = [sys.executable, __file__, "--child", "--model", args.model, "--quantization", args.quantization,
                "--steps", steps]
+        log = os.path.join(args.out, f"startup_{run.replace(':', '_')}.log")  # kept if the run times out
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            with open(log, "w") as err:
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                      timeout=args.timeout)
             out = proc.stdout.split("RESULT ", 1)
-            row = json.loads(out[1]) if len(out) == 2 else {"error": proc.stderr[-2000:]}
+            row = json.loads(out[1]) if len(out) == 2 else {"error": open(log).read()[-2000:]}
         except subprocess.TimeoutExpired:
-            row = {"error": f"not started within {args.timeout} s"}
+            row = {"error": f"not done within {args.timeout} s; see {log}"}
         row.update(run=run, quantization=args.quantization)
         rows.append(row)
         print(json.dumps(row)[:400], flush=True)

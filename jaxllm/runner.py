@@ -62,8 +62,12 @@ PROMPT_LOGPROBS_CHUNK = 256  # rows projected to the vocabulary at a time for pr
 COMPILE_THREADS: dict[str, int] = {}
 # Platforms where warm-up leaves the multi-step forms (num_scheduler_steps > 1) to one background thread (env
 # JAXLLM_MULTI_STEP_BACKGROUND=1 / 0 overrides): a decode shape runs single steps until its forms are compiled.
-# On an H200 each is a whole-model compile, ~18 s for the 8B, 15 of them; none yet, until measured on a GPU.
-BACKGROUND_MULTI_STEP: dict[str, bool] = {}
+# On an H200 each is a whole-model compile (the 8B int4: start-up 206 s as with single steps, all 15 forms ready
+# 232 s later, then 3.25 ms/token at batch 1; RESULTS.md).
+BACKGROUND_MULTI_STEP: dict[str, bool] = {"gpu": True}
+# num_scheduler_steps where the engine config leaves it None, for quantized weights, per platform (else 1): where
+# measured faster (the 8B on an H200 at batch 1: int8 4.20 -> 3.27, int4 5.28 -> 3.26 ms/token; bf16 4.54 -> 4.61)
+QUANTIZED_SCHEDULER_STEPS = {"gpu": 8}
 STABLE_ADDRESSES = True  # one device: the step's inputs and outputs keep their buffers (ModelRunner.__init__)
 
 
@@ -245,7 +249,7 @@ class ModelRunner:
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn, static_argnums=(3,))
         self._decode_steps = jax.jit(self._decode_steps_fn, donate_argnums=(1, 2, 3), static_argnums=(5, 7, 8, 9),
                                      keep_unused=True)
-        self.num_steps = engine.num_scheduler_steps  # decode steps per launch of a decode-only batch
+        self.num_steps = scheduler_steps(engine, self.platform, loaded.quantization)  # per decode-only launch
         # [max_rows] the previous step's sampled tokens, on the device
         self.prev_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self.replicated)
         self._seen: set[tuple[int, int, int]] = set()
@@ -633,6 +637,14 @@ def _compile_worker() -> concurrent.futures.ThreadPoolExecutor:
     # after the pool's, so it runs first): an exiting process waits for one compile at most.
     getattr(threading, "_register_atexit", lambda fn: None)(_EXITING.set)
     return pool
+
+
+def scheduler_steps(engine: EngineConfig, platform: str, quantization: str | None) -> int:
+    """Decode steps per launch of a decode-only batch: engine.num_scheduler_steps, or where that is None,
+    QUANTIZED_SCHEDULER_STEPS for quantized weights on the platform, else 1."""
+    if engine.num_scheduler_steps is not None:
+        return engine.num_scheduler_steps
+    return QUANTIZED_SCHEDULER_STEPS.get(platform, 1) if quantization else 1
 
 
 def multi_step_background(platform: str) -> bool:

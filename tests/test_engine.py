@@ -436,7 +436,10 @@ def test_decode_buckets(platform, quantization, max_num_seqs, layout, want):
 
 
 def test_compile_threads(monkeypatch):
-    from jaxllm.runner import compile_threads, multi_step_background
+    """The platform defaults of compile threads, background multi-step compiles and decode steps per launch, and
+    the environment variables and engine knob that override them."""
+    from jaxllm.config import EngineConfig
+    from jaxllm.runner import compile_threads, multi_step_background, scheduler_steps
 
     monkeypatch.delenv("JAXLLM_COMPILE_THREADS", raising=False)
     assert (compile_threads("cpu"), compile_threads("gpu")) == (1, 1)
@@ -447,9 +450,14 @@ def test_compile_threads(monkeypatch):
         with pytest.raises(ValueError, match="JAXLLM_COMPILE_THREADS must be a whole number >= 1"):
             compile_threads("cpu")
     monkeypatch.delenv("JAXLLM_MULTI_STEP_BACKGROUND", raising=False)
-    assert not multi_step_background("cpu") and not multi_step_background("gpu")
+    assert not multi_step_background("cpu") and multi_step_background("gpu")
     monkeypatch.setenv("JAXLLM_MULTI_STEP_BACKGROUND", "1")
     assert multi_step_background("cpu")
+    monkeypatch.setenv("JAXLLM_MULTI_STEP_BACKGROUND", "0")
+    assert not multi_step_background("gpu")
+    auto = EngineConfig()
+    assert [scheduler_steps(auto, p, q) for p, q in [("gpu", "int4"), ("gpu", None), ("cpu", "int8")]] == [8, 1, 1]
+    assert scheduler_steps(EngineConfig(num_scheduler_steps=1), "gpu", "int8") == 1
     monkeypatch.setenv("JAXLLM_MULTI_STEP_BACKGROUND", "yes")
     with pytest.raises(ValueError, match="JAXLLM_MULTI_STEP_BACKGROUND must be 1 or 0"):
         multi_step_background("gpu")
