@@ -13,7 +13,8 @@ time goes is listed by event name (a `command_buffer::update` per step means XLA
 some buffer moved, which --pointers shows). Suffixes switch a path off (VARIANTS): "-apart" runs q/k/v and
 gate/up as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel, "-kn" keeps the
 quantized kernels [in, out] (load_model picks the transposed nk layout on a Hopper GPU), "-rowapart" runs one
-row of q/k/v as before xla.row_matmul_many. "one layer" lists a middle layer's kernels in launch order.
+row of q/k/v as before xla.row_matmul_many, "-unfused" as before the small-kernel fusions (the norm's rsqrt in
+its multiply, rope by concatenation, a one-token KV write as a scatter, one row's K splits summed by a reduce). "one layer" lists a middle layer's kernels in launch order.
 """
 
 from __future__ import annotations
@@ -32,9 +33,33 @@ import time
 import jax
 
 from benchmarks.attention_profile import trace_events
+import jax.numpy as jnp
+
 from jaxllm import LLM, SamplingParams, runner, weights
+from jaxllm.models import layers
 from pallas_kernels import quant_matmul
-from pallas_kernels.quant_matmul import gpu
+from pallas_kernels.paged_attention import gpu as attention_gpu
+from pallas_kernels.quant_matmul import gpu, hopper_nk
+
+
+def _rsqrt_inside(x32, eps):  # the norm's rsqrt in the multiply's fusion, as before layers.inverse_rms
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def _rope_by_concat(x, cos, sin):  # layers.apply_rope before its reverse form
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _write_by_scatter(k_pages, v_pages, k, v, slot_mapping):  # gpu.write_kv before its one-token update slice
+    kvh, num_pages, page_size, d = k_pages.shape
+
+    def put(pages, x):
+        return pages.reshape(kvh, num_pages * page_size, d).at[:, slot_mapping].set(
+            x.astype(pages.dtype).transpose(1, 0, 2), mode="drop").reshape(pages.shape)
+
+    return put(k_pages, k), put(v_pages, v)
 
 CONFIGS = {"bf16": (None, False), "int8": ("int8", True), "int8-bf16-head": ("int8", False), "int4": ("int4", True)}
 # suffix -> the switches it sets while the config loads and runs
@@ -45,14 +70,18 @@ VARIANTS = {
     "-kn": [(weights, "_quant_layout", lambda *a: "kn")],  # the [in, out] layout on a Hopper GPU too
     "-rowapart": [(quant_matmul, "ROW_MANY", False),  # one row of q/k/v: a reduction or kernel call each
                   (quant_matmul, "ROW_MANY_INT4_KERNEL", False)],
+    "-unfused": [(layers, "inverse_rms", _rsqrt_inside), (layers, "apply_rope", _rope_by_concat),
+                 (attention_gpu, "write_kv", _write_by_scatter),
+                 (hopper_nk, "sum_splits", lambda partial, m: partial.sum(axis=0).T[:m])],
 }
-CHOICES = [*CONFIGS, *(c + v for c in CONFIGS if c != "bf16" for v in VARIANTS)]
+CHOICES = [*CONFIGS, *(c + v for c in CONFIGS if c != "bf16" for v in VARIANTS), "bf16-unfused"]
 
 
 def profile_config(label: str, args: argparse.Namespace, shown: str | None = None) -> dict:
     for suffix, switches in VARIANTS.items():
         if label.endswith(suffix):
             saved = [(mod, name, getattr(mod, name)) for mod, name, _ in switches]
+            jax.clear_caches()  # module-level jitted functions (hopper_nk's) traced before the switch
             try:
                 for mod, name, value in switches:
                     setattr(mod, name, value)
@@ -60,6 +89,7 @@ def profile_config(label: str, args: argparse.Namespace, shown: str | None = Non
             finally:
                 for mod, name, value in saved:
                     setattr(mod, name, value)
+                jax.clear_caches()
     quant, head = CONFIGS[label]
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", quantization=quant, quantize_lm_head=head,
               max_num_seqs=args.max_num_seqs or args.batch, num_kv_pages=args.kv_pages or 256 * args.batch,
@@ -107,6 +137,8 @@ def one_layer(events: list[dict]) -> list[tuple[str, float]]:
     streams = collections.defaultdict(list)
     for e in events:
         streams[e["pid"], e["tid"]].append(e)
+    if not streams:
+        return []
     evs = sorted(max(streams.values(), key=len), key=lambda e: e["ts"])
     attn = [i for i, e in enumerate(evs) if "attention" in e["name"]]
     if len(attn) < 12:
@@ -220,8 +252,8 @@ def main() -> int:
         print(f"== {label}", flush=True)
         rows.append(profile_config(label, args))
         gc.collect()
-    with open(os.path.join(args.out, "decode_profile.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        with open(os.path.join(args.out, "decode_profile.json"), "w") as f:  # each config's row kept as it ends
+            json.dump(rows, f, indent=1)
     return 0
 
 

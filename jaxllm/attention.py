@@ -36,7 +36,8 @@ _PLATFORM_KERNEL = {"gpu": "pallas-gpu", "tpu": "pallas-tpu", "cpu": "pallas-int
 class AttentionMetadata:
     """Where this step's tokens sit in the paged KV cache.
 
-    slot_mapping:    [num_tokens] page * page_size + offset to write each new K/V; padding >= pool size.
+    slot_mapping:    [num_tokens] page * page_size + offset to write each new K/V; padding: the spare page
+                     past the pool (num_pages * page_size: allocate_kv_pages).
     block_tables:    [num_seqs, pages_per_seq] page indices of each sequence, in order.
     seq_lens:        [num_seqs] tokens in each sequence after this step (0 for a padding sequence).
     query_start_loc: [num_seqs + 1] sequence s owns query tokens query_start_loc[s]:query_start_loc[s+1].
@@ -109,8 +110,11 @@ KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
 def allocate_kv_pages(backend: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
                       head_dim: int, dtype, mesh: Mesh | None = None, kv_cache_dtype: str = "auto") -> list[KVPages]:
     """Zero-filled page pools, one per layer, created directly on the device (or its shards); with
-    kv_cache_dtype "int8" the pages are int8 and each layer has its K and V scales."""
+    kv_cache_dtype "int8" the pages are int8 and each layer has its K and V scales. Each pool has one page
+    more than num_pages, never in a block table: padding tokens write there (slot num_pages * page_size), so
+    a one-token write needs no bounds check (gpu.write_kv)."""
     quantized = kv_cache_dtype == "int8"
+    num_pages += 1  # the spare page
     pages = kv_pages_shape(backend, num_pages, page_size, num_kv_heads, head_dim)
     specs = kv_specs(backend, quantized)
 

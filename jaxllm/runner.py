@@ -165,7 +165,8 @@ def prepare_batch(seqs: list[SeqInput], page_size: int, num_pages: int, max_page
                   ) -> tuple[jax.Array, jax.Array, AttentionMetadata, jax.Array]:
     """Padded (input_ids [T], positions [T], metadata, logits_indices [S]) for a ragged batch.
 
-    Padding tokens write to slot num_pages * page_size (dropped) and padding sequences have no tokens.
+    Padding tokens write to slot num_pages * page_size (the spare page past the pool: allocate_kv_pages) and
+    padding sequences have no tokens.
     Without explicit sizes, T, S and the query bound are powers of two and the block table as wide as
     the longest sequence needs (for callers that run the model directly, e.g. tests).
     """
@@ -285,7 +286,7 @@ class ModelRunner:
                          mode: str) -> tuple[jax.Array, jax.Array, list[KVPages], SamplerState]:
         """`num_steps` decode steps in one launch (vLLM's multi-step scheduling): each step feeds every row the
         token the last one sampled, at the next position. Row i runs limit[i] steps; its later steps write to the
-        dropped slot and their tokens are never read. -> the packed (tokens [num_steps, num_seqs], logprobs),
+        spare page and their tokens are never read. -> the packed (tokens [num_steps, num_seqs], logprobs),
         the next prev_tokens (each row's last kept token), the KV pages and the sampler state."""
         x = unpack(packed, layout)  # StepInputs of a decode bucket: one token per row
         st, sample_mask, limit = unpack(st_packed, st_layout)  # SamplingTensors, [num_seqs] bool, [num_seqs] int32
@@ -534,7 +535,7 @@ class ModelRunner:
         if seqs:
             ids, pos, md, li = prepare_batch(seqs, self.page_size, self.num_pages, self.max_pages_per_seq,
                                              num_tokens=num_tokens, num_seqs=num_seqs, max_query_len=max_q)
-        else:  # a one-token batch of the bucket's shape (warm-up) whose write goes to the dropped slot
+        else:  # a one-token batch of the bucket's shape (warm-up) whose write goes to the spare page
             ids, pos, md, li = prepare_batch([SeqInput([0], 0, [0])], self.page_size, self.num_pages,
                                              self.max_pages_per_seq, num_tokens=num_tokens, num_seqs=num_seqs,
                                              max_query_len=max_q)

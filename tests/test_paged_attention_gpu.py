@@ -81,16 +81,19 @@ def test_default_knobs_follow_the_sweep():
         "block_q": 16, "pages_per_block": 4, "num_splits": 1, "num_warps": 4, "gather_pages": True}
 
 
-def test_write_kv_matches_reference_layout():
+@pytest.mark.parametrize("slots", [[31, 0, 17, 32], [13], [32]])
+def test_write_kv_matches_reference_layout(slots):
+    """Several tokens (a scatter) and one (a dynamic update slice), padding (slot 32) in the spare page 4."""
     rng = np.random.default_rng(3)
     k_pages = jnp.asarray(rng.standard_normal((5, 8, 2, 16)), jnp.float32)
     v_pages = jnp.asarray(rng.standard_normal((5, 8, 2, 16)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((4, 2, 16)), jnp.float32) for _ in range(2))
-    slots = jnp.asarray([39, 0, 17, 40], jnp.int32)  # the last is padding
+    k, v = (jnp.asarray(rng.standard_normal((len(slots), 2, 16)), jnp.float32) for _ in range(2))
+    slots = jnp.asarray(slots, jnp.int32)
     ref_k, ref_v = reference.write_kv(k_pages, v_pages, k, v, slots)
     new_k, new_v = gpu.write_kv(gpu.to_layout(k_pages), gpu.to_layout(v_pages), k, v, slots)
     np.testing.assert_array_equal(np.asarray(new_k), np.asarray(gpu.to_layout(ref_k)))
     np.testing.assert_array_equal(np.asarray(new_v), np.asarray(gpu.to_layout(ref_v)))
+    assert not np.array_equal(np.asarray(new_k), np.asarray(gpu.to_layout(k_pages)))  # something was written
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -144,10 +144,17 @@ class RMSNorm(nn.Module):
         init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
         scale = self.param("scale", _init(("norm",), init), (self.dim,), self.dtype)
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = x32 * inverse_rms(x32, self.eps)
         if self.plus_one:
             return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale * y.astype(x.dtype)
+
+
+def inverse_rms(x32: jax.Array, eps: float) -> jax.Array:
+    """rsqrt(mean(x^2) + eps) over the last dim, [..., 1], behind an optimization barrier: XLA will not
+    fuse the normalised x into a consumer that reads each element many times (a one-row matmul's reduction)
+    while an rsqrt sits in it, so the barrier keeps the rsqrt out and leaves only multiplies to fuse."""
+    return jax.lax.optimization_barrier(jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,10 +220,14 @@ def rope_cos_sin(positions: jax.Array, rope: RopeConfig, dim: int) -> tuple[jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x: [num_tokens, num_heads, head_dim] by per-token angles (cos, sin: [num_tokens, head_dim // 2])."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    """Rotate x: [num_tokens, num_heads, head_dim] by per-token angles (cos, sin: [num_tokens, head_dim // 2]):
+    halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). Written with a reverse of the halves, not a
+    concatenation, so that it is elementwise and XLA fuses it into the KV cache write."""
+    t, h, d = x.shape
+    halves = x.astype(jnp.float32).reshape(t, h, 2, d // 2)  # [..., (x1, x2), d/2]
+    swapped = halves[:, :, ::-1] * jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]  # (-x2, x1)
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    return (halves * cos + swapped * sin).reshape(t, h, d).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

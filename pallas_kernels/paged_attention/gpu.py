@@ -44,14 +44,20 @@ def to_layout(pages: jax.Array) -> jax.Array:
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
-    """Scatter k, v [num_tokens, num_kv_heads, head_dim] to their slots (page * page_size + offset);
-    slots past the pool (padding) are dropped. In place when the pages are donated."""
+    """Scatter k, v [num_tokens, num_kv_heads, head_dim] to their slots (page * page_size + offset); padding
+    tokens' slots lie in a spare page (jaxllm.attention.allocate_kv_pages). One token is a dynamic update
+    slice, which clamps a slot past the pool to its last (a scatter drops it): no bounds check, so XLA fuses
+    the token's computation (rope, a cast) into the write. In place when the pages are donated."""
     kvh, num_pages, page_size, d = k_pages.shape
     flat = (kvh, num_pages * page_size, d)
 
     def put(pages, x):
-        return pages.reshape(flat).at[:, slot_mapping].set(x.astype(pages.dtype).transpose(1, 0, 2),
-                                                           mode="drop").reshape(pages.shape)
+        x = x.astype(pages.dtype).transpose(1, 0, 2)  # [kvh, num_tokens, d]
+        if x.shape[1] == 1:
+            new = jax.lax.dynamic_update_slice_in_dim(pages.reshape(flat), x, slot_mapping[0], axis=1)
+        else:
+            new = pages.reshape(flat).at[:, slot_mapping].set(x, mode="drop")
+        return new.reshape(pages.shape)
 
     return put(k_pages, k), put(v_pages, v)
 

@@ -21,7 +21,8 @@ def write_kv(
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter new keys/values `[num_tokens, num_kv_heads, head_dim]` into their slots.
 
-    `slot_mapping[t] = page * page_size + offset`; a slot >= num_pages * page_size (padding) is dropped.
+    `slot_mapping[t] = page * page_size + offset`; padding tokens' slots lie in a spare page that no block
+    table names (jaxllm.attention.allocate_kv_pages), and a slot past the pages is dropped.
     With the pages donated to the enclosing jit, XLA updates them in place.
     """
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape

@@ -193,8 +193,16 @@ def quant_matmul_many(x: jax.Array, mats: tuple, *, tile_n: int | None = None, s
         kernel_name=f"quant_matmul_hopper_nk_int{4 if int4 else 8}_k{tile_k}_s{splits}" + "_reg" * registers
         + f"_x{len(mats)}" * (len(mats) > 1),
         interpret=plgpu.InterpretGPUParams() if interpret else None)(*args)
-    out = partial.reshape(splits, total, rows).sum(axis=0).T[:m]  # [M, sum N_i]
+    out = sum_splits(partial.reshape(splits, total, rows), m)  # [M, sum N_i]
     return [out[:, first * tile_n:first * tile_n + n] for first, n in zip(firsts, ns)]
+
+
+def sum_splits(partial: jax.Array, m: int) -> jax.Array:
+    """The kernel's K-split partial sums [splits, N, rows] -> [M, N]. One row: strided slices and adds, which
+    XLA fuses into the consumer (a reduce and a transpose would be a kernel of their own)."""
+    if m == 1:
+        return functools.reduce(jnp.add, [partial[s, :, 0] for s in range(partial.shape[0])])[None]
+    return partial.sum(axis=0).T[:m]
 
 
 __all__ = ["choose_tile_n", "quant_matmul", "quant_matmul_many", "supported"]
