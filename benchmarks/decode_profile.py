@@ -42,10 +42,6 @@ from pallas_kernels.paged_attention import gpu as attention_gpu
 from pallas_kernels.quant_matmul import gpu, hopper_nk
 
 
-def _rsqrt_inside(x32, eps):  # the norm's rsqrt in the multiply's fusion, as before layers.inverse_rms
-    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-
-
 def _rope_by_concat(x, cos, sin):  # layers.apply_rope before its reverse form
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -70,7 +66,7 @@ VARIANTS = {
     "-kn": [(weights, "_quant_layout", lambda *a: "kn")],  # the [in, out] layout on a Hopper GPU too
     "-rowapart": [(quant_matmul, "ROW_MANY", False),  # one row of q/k/v: a reduction or kernel call each
                   (quant_matmul, "ROW_MANY_INT4_KERNEL", False)],
-    "-unfused": [(layers, "inverse_rms", _rsqrt_inside), (layers, "apply_rope", _rope_by_concat),
+    "-unfused": [(layers, "apply_rope", _rope_by_concat),
                  (attention_gpu, "write_kv", _write_by_scatter),
                  (hopper_nk, "sum_splits", lambda partial, m: partial.sum(axis=0).T[:m])],
 }

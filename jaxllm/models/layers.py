@@ -144,17 +144,10 @@ class RMSNorm(nn.Module):
         init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
         scale = self.param("scale", _init(("norm",), init), (self.dim,), self.dtype)
         x32 = x.astype(jnp.float32)
-        y = x32 * inverse_rms(x32, self.eps)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.plus_one:
             return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale * y.astype(x.dtype)
-
-
-def inverse_rms(x32: jax.Array, eps: float) -> jax.Array:
-    """rsqrt(mean(x^2) + eps) over the last dim, [..., 1], behind an optimization barrier: XLA will not
-    fuse the normalised x into a consumer that reads each element many times (a one-row matmul's reduction)
-    while an rsqrt sits in it, so the barrier keeps the rsqrt out and leaves only multiplies to fuse."""
-    return jax.lax.optimization_barrier(jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -245,8 +245,11 @@ def _combine(o, m, l, q0, nq, group: int, group_pad: int, tile_tokens: int, num_
     """Flash-decoding's second pass: merge split partials [splits, kvh, tiles, rows, *] into the output
     [num_tokens, num_heads, head_dim]. In XLA: it measured faster than a Pallas pass, whose few programs
     (one per tile and kv head) walk the splits serially."""
-    w = jnp.exp(m - m.max(axis=0))
-    out = (w * o).sum(axis=0) / jnp.maximum((w * l).sum(axis=0), 1e-30)  # [kvh, tiles, rows, d]
+    def over_splits(op, a):  # unrolled (the split count is static): elementwise, so XLA fuses the whole merge
+        return functools.reduce(op, [a[s] for s in range(a.shape[0])])  # into the scatter, one kernel
+
+    w = jnp.exp(m - over_splits(jnp.maximum, m))
+    out = over_splits(jnp.add, w * o) / jnp.maximum(over_splits(jnp.add, w * l), 1e-30)  # [kvh, tiles, rows, d]
     kvh, num_tiles, _, d = out.shape
     out = out.reshape(kvh, num_tiles, tile_tokens, group_pad, d)[:, :, :, :group]
     out = out.transpose(1, 2, 0, 3, 4).reshape(num_tiles * tile_tokens, kvh * group, d)
