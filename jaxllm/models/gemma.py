@@ -23,13 +23,14 @@ class GemmaDecoderLayer(DecoderLayer):
     def __call__(self, x: jax.Array, rope, kv: KVPages, md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
         c = self.config
 
-        def norm(name: str) -> RMSNorm:
-            return RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True, dtype=self.dtype, name=name)
+        def norm(name: str, deferred: bool = False) -> RMSNorm:  # deferred: the projections apply the 1 / rms
+            return RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True, dtype=self.dtype, deferred=deferred,
+                           name=name)
 
-        h, kv = Attention(c, self.layer_idx, self.dtype, self.backend, name="self_attn")(
-            norm("input_layernorm")(x), rope, kv, md)
+        xw, inv_rms = norm("input_layernorm", deferred=True)(x)
+        h, kv = Attention(c, self.layer_idx, self.dtype, self.backend, name="self_attn")(xw, rope, kv, md, inv_rms)
         x = x + norm("post_attention_layernorm")(h)
-        h = GatedMLP(c, self.dtype, self.backend, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        h = GatedMLP(c, self.dtype, self.backend, name="mlp")(*norm("pre_feedforward_layernorm", deferred=True)(x))
         return x + norm("post_feedforward_layernorm")(h), kv
 
 

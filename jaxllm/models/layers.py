@@ -113,11 +113,16 @@ class QuantDense(nn.Module):
         return y if bias is None else y + bias
 
 
-def project_many(layers: list[nn.Module], x: jax.Array) -> list[jax.Array]:
-    """Each layer applied to x. Quantized layers that contract the same input dims run as one matmul call
+def project_many(layers: list[nn.Module], x: jax.Array, x_scale: jax.Array | None = None) -> list[jax.Array]:
+    """Each layer applied to x * x_scale (x_scale [*lead, 1] float32 or None: a factor of each row of x, applied
+    to the outputs, before any bias). Quantized layers that contract the same input dims run as one matmul call
     (one kernel launch for q/k/v or gate/up on a GPU: pallas_kernels.quant_matmul.quant_linear_many)."""
     if not all(isinstance(layer, QuantDense) for layer in layers):
-        return [layer(x) for layer in layers]
+        if x_scale is not None and any(layer.use_bias for layer in layers):  # the bias is added inside: scale x
+            x, x_scale = (x * x_scale).astype(x.dtype), None
+        ys = [layer(x) for layer in layers]
+        return ys if x_scale is None else [(y * x_scale.reshape(*y.shape[:x.ndim - 1], *[1] * (y.ndim + 1 - x.ndim))
+                                            ).astype(y.dtype) for y in ys]
     n_in = len(layers[0].axis) if isinstance(layers[0].axis, tuple) else 1
     lead, in_shape = x.shape[:-n_in], x.shape[-n_in:]
     stored = [layer.weights(in_shape) for layer in layers]
@@ -128,23 +133,35 @@ def project_many(layers: list[nn.Module], x: jax.Array) -> list[jax.Array]:
         ys = many(x2, [mats for mats, _, _ in stored], stored[0][1])
     else:  # int4 packed in different half-blocks: one call each
         ys = [many(x2, [mats], half)[0] for mats, half, _ in stored]
+    if x_scale is not None:
+        ys = [(y * x_scale.reshape(-1, 1)).astype(y.dtype) for y in ys]
     return [layer.finish(y, lead, bias) for layer, y, (_, _, bias) in zip(layers, ys, stored)]
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in float32. Llama style: `w * norm(x)`; Gemma style (`plus_one`): `norm(x) * (1 + w)`."""
+    """RMSNorm in float32. Llama style: `w * norm(x)`; Gemma style (`plus_one`): `norm(x) * (1 + w)`.
+
+    `deferred` (a norm before linear layers): returns (x * w in x's dtype, 1 / rms [..., 1] float32), and the
+    layers scale their outputs by the second (project_many's x_scale). x * w needs no reduction's result, so XLA
+    computes it in the kernel that sums the squares, not in a multiply of its own (XLA fuses no producer into a
+    one-row matmul's reduction)."""
 
     dim: int
     eps: float
     plus_one: bool = False
     dtype: Dtype = jnp.float32
+    deferred: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array]:
         init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
         scale = self.param("scale", _init(("norm",), init), (self.dim,), self.dtype)
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.deferred:
+            w = 1.0 + scale.astype(jnp.float32) if self.plus_one else scale.astype(jnp.float32)
+            return (x32 * w).astype(x.dtype), inv_rms
+        y = x32 * inv_rms
         if self.plus_one:
             return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale * y.astype(x.dtype)
@@ -236,14 +253,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], kv: KVPages,
-                 md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
+                 md: AttentionMetadata, x_scale: jax.Array | None = None) -> tuple[jax.Array, KVPages]:
+        """x [num_tokens, embed] (times x_scale [num_tokens, 1], a deferred RMSNorm's 1 / rms, if given)."""
         c = self.config
         proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
                                  backend=self.backend, nk=c.quant_layout == "nk")
         heads, kv_heads = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
         q, k, v = project_many([proj((c.num_heads, c.head_dim), heads, c.qkv_bias, name="q_proj"),
                                 proj((c.num_kv_heads, c.head_dim), kv_heads, c.qkv_bias, name="k_proj"),
-                                proj((c.num_kv_heads, c.head_dim), kv_heads, c.qkv_bias, name="v_proj")], x)
+                                proj((c.num_kv_heads, c.head_dim), kv_heads, c.qkv_bias, name="v_proj")], x,
+                               x_scale)
         if c.qk_norm:  # Qwen3, Gemma 3: RMSNorm over head_dim before the rotation
             q = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="q_norm")(q)
             k = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_plus_one, self.dtype, name="k_norm")(k)
@@ -271,12 +290,14 @@ class GatedMLP(nn.Module):
     backend: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, x_scale: jax.Array | None = None) -> jax.Array:
+        """x [num_tokens, embed] (times x_scale [num_tokens, 1], a deferred RMSNorm's 1 / rms, if given)."""
         c = self.config
         proj = functools.partial(dense, dtype=self.dtype, quantization=c.quantization, group_size=c.quant_group_size,
                                  backend=self.backend, nk=c.quant_layout == "nk")
         gate, up = project_many([proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="gate_proj"),
-                                 proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")], x)
+                                 proj(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, name="up_proj")], x,
+                                x_scale)
         return proj(c.hidden_size, ("mlp", "embed"), c.mlp_bias, name="down_proj")(ACTIVATIONS[c.hidden_act](gate) * up)
 
 

@@ -17,11 +17,14 @@ class LlamaDecoderLayer(DecoderLayer):
     @nn.compact
     def __call__(self, x: jax.Array, rope, kv: KVPages, md: AttentionMetadata) -> tuple[jax.Array, KVPages]:
         c = self.config
-        h, kv = Attention(c, self.layer_idx, self.dtype, self.backend, name="self_attn")(
-            RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=self.dtype, name="input_layernorm")(x), rope, kv, md)
+
+        def norm(name: str) -> RMSNorm:  # (x * w, 1 / rms): the projections apply the 1 / rms
+            return RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=self.dtype, deferred=True, name=name)
+
+        xw, inv_rms = norm("input_layernorm")(x)
+        h, kv = Attention(c, self.layer_idx, self.dtype, self.backend, name="self_attn")(xw, rope, kv, md, inv_rms)
         x = x + h
-        h = GatedMLP(c, self.dtype, self.backend, name="mlp")(
-            RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x))
+        h = GatedMLP(c, self.dtype, self.backend, name="mlp")(*norm("post_attention_layernorm")(x))
         return x + h, kv
 
 
