@@ -10,11 +10,13 @@ the same generate under jax.profiler: device busy time per step (the sum of kern
 generate, prefill included, per decode step), kernels per step and the longest kernels. Busy well below wall
 is a device waiting for the host (quantized steps launch several hundred small kernels); where the host's
 time goes is listed by event name (a `command_buffer::update` per step means XLA re-records the CUDA graph:
-some buffer moved, which --pointers shows). Suffixes switch a path off (VARIANTS): "-apart" runs q/k/v and
-gate/up as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel, "-kn" keeps the
-quantized kernels [in, out] (load_model picks the transposed nk layout on a Hopper GPU), "-rowapart" runs one
-row of q/k/v as before xla.row_matmul_many, "-unfused" as before the small-kernel fusions (the norm's rsqrt in
-its multiply, rope by concatenation, a one-token KV write as a scatter, one row's K splits summed by a reduce). "one layer" lists a middle layer's kernels in launch order.
+some buffer moved, which --pointers shows). Suffixes switch a path (VARIANTS): "-apart" runs q/k/v and gate/up
+as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel, "-kn" keeps the quantized
+kernels [in, out] (load_model picks the transposed nk layout on a Hopper GPU), "-rowapart" runs one row of q/k/v
+as before xla.row_matmul_many, "-pieces" cuts one row of int8 o_proj into [1024, K] pieces
+(quant_matmul.ROW_PIECES), "-unfused" runs as before the small-kernel fusions (rope by concatenation, a one-token
+KV write as a scatter, one row's K splits summed by a reduce). "one layer" lists a middle layer's kernels in
+launch order.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ VARIANTS = {
     "-kn": [(weights, "_quant_layout", lambda *a: "kn")],  # the [in, out] layout on a Hopper GPU too
     "-rowapart": [(quant_matmul, "ROW_MANY", False),  # one row of q/k/v: a reduction or kernel call each
                   (quant_matmul, "ROW_MANY_INT4_KERNEL", False)],
+    "-pieces": [(quant_matmul, "ROW_PIECES", 1024)],  # one row of int8 o_proj as four [1024, K] pieces
     "-unfused": [(layers, "apply_rope", _rope_by_concat),
                  (attention_gpu, "write_kv", _write_by_scatter),
                  (hopper_nk, "sum_splits", lambda partial, m: partial.sum(axis=0).T[:m])],

@@ -34,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
                    "and KV head: half the bytes of bf16)")
     p.add_argument("--num-scheduler-steps", type=int, default=None,
                    help="decode steps per launch while every sequence decodes (default: 8 for quantized weights on "
-                   "a GPU, whose batch-1 decode it makes 1.6x faster, compiled in the background after start-up; "
+                   "a GPU, whose batch-1 decode it makes 1.3-1.6x faster, compiled in the background after start-up; "
                    "else 1)")
 
 

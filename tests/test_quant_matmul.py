@@ -342,6 +342,20 @@ def test_row_matmul_many_is_one_pass_over_every_matrix(bits, groups):
     layer = jax.jit(lambda x, mats: quant_linear_many(x, mats, None, jnp.float32, "xla", nk=True)).lower(x, mats)
     assert (pieces in layer.as_text() and f"tensor<256x{groups}xf32>" not in layer.as_text()) == (bits == 8)
     assert row_matmul_many(x, [mats[0], (mats[1][0][:1], mats[1][1][:, :1], None)]) is None  # 256 pieces of one
+    assert row_matmul_many(x, mats, piece=96) is None  # 96 divides no N here
+
+
+def test_row_pieces_cut_a_lone_matrix(monkeypatch):
+    """quant_matmul.ROW_PIECES: one row of a lone int8 nk matrix (o_proj) as [P, K] pieces in one reduction."""
+    _, _, half, (q, scale, zero) = make(1, 512, 256, 8, 1, jnp.float32, seed=5)
+    x = jax.random.normal(jax.random.key(5), (1, 512), jnp.float32)
+    mats = [(to_nk(q, half), scale, zero)]
+    want = reference.quant_matmul(x, q, scale, zero, half)
+    monkeypatch.setattr(quant_matmul, "ROW_PIECES", 64)
+    got = quant_linear_many(x, mats, None, jnp.float32, "xla", nk=True)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    layer = jax.jit(lambda x, mats: quant_linear_many(x, mats, None, jnp.float32, "xla", nk=True)).lower(x, mats)
+    assert "tensor<64x1xf32>" in layer.as_text() and "tensor<256x1xf32>" not in layer.as_text()
 
 
 def test_hopper_nk_kernel_rejects_what_it_cannot_take():

@@ -108,7 +108,7 @@ class QuantDense(nn.Module):
         return project_many([self], x)[0]
 
     def finish(self, y: jax.Array, lead: tuple[int, ...], bias: jax.Array | None) -> jax.Array:
-        """[num_rows, N] -> [*lead, *out], plus the bias."""
+        """[*lead, N] -> [*lead, *out], plus the bias."""
         y = y.reshape(*lead, *self.out_shape)
         return y if bias is None else y + bias
 
@@ -117,14 +117,16 @@ def project_many(layers: list[nn.Module], x: jax.Array, x_scale: jax.Array | Non
     """Each layer applied to x * x_scale (x_scale [*lead, 1] float32 or None: a factor of each row of x, applied
     to the outputs, before any bias). Quantized layers that contract the same input dims run as one matmul call
     (one kernel launch for q/k/v or gate/up on a GPU: pallas_kernels.quant_matmul.quant_linear_many)."""
+    n_in = len(layers[0].axis) if isinstance(layers[0].axis, tuple) else 1
+    lead, in_shape = x.shape[:-n_in], x.shape[-n_in:]
+
+    def scaled(y: jax.Array) -> jax.Array:  # y [*lead, ...] times x_scale
+        return y if x_scale is None else (y * x_scale.reshape(*lead, *[1] * (y.ndim - len(lead)))).astype(y.dtype)
+
     if not all(isinstance(layer, QuantDense) for layer in layers):
         if x_scale is not None and any(layer.use_bias for layer in layers):  # the bias is added inside: scale x
             x, x_scale = (x * x_scale).astype(x.dtype), None
-        ys = [layer(x) for layer in layers]
-        return ys if x_scale is None else [(y * x_scale.reshape(*y.shape[:x.ndim - 1], *[1] * (y.ndim + 1 - x.ndim))
-                                            ).astype(y.dtype) for y in ys]
-    n_in = len(layers[0].axis) if isinstance(layers[0].axis, tuple) else 1
-    lead, in_shape = x.shape[:-n_in], x.shape[-n_in:]
+        return [scaled(layer(x)) for layer in layers]
     stored = [layer.weights(in_shape) for layer in layers]
     backend = "sharded" if tensor_parallel() else layers[0].backend  # the quantized kernels have no sharded form
     x2 = x.reshape(-1, math.prod(in_shape))
@@ -133,9 +135,8 @@ def project_many(layers: list[nn.Module], x: jax.Array, x_scale: jax.Array | Non
         ys = many(x2, [mats for mats, _, _ in stored], stored[0][1])
     else:  # int4 packed in different half-blocks: one call each
         ys = [many(x2, [mats], half)[0] for mats, half, _ in stored]
-    if x_scale is not None:
-        ys = [(y * x_scale.reshape(-1, 1)).astype(y.dtype) for y in ys]
-    return [layer.finish(y, lead, bias) for layer, y, (_, _, bias) in zip(layers, ys, stored)]
+    return [layer.finish(scaled(y.reshape(*lead, -1)), lead, bias)
+            for layer, y, (_, _, bias) in zip(layers, ys, stored)]
 
 
 class RMSNorm(nn.Module):

@@ -27,6 +27,10 @@ ROW_MAX_N = 32768  # int8 W wider than this (LM heads: 160 us against 222), or d
 # for q's reduction and k/v's kernel calls. Not int4: XLA copies each int4 piece out before reducing it.
 ROW_MANY = True
 ROW_MANY_INT4_KERNEL = True  # one row of int4 q/k/v through one hopper_nk call (its fixed cost paid once)
+# One row of a lone int8 matrix that takes the row reduction (o_proj) cut into pieces of this many outputs, one
+# multi-output reduction as q/k/v's (which read 25 MB in the time o_proj reads 16.8 on an H200). 0: off, until
+# measured (decode_profile's "-pieces").
+ROW_PIECES = 0
 
 
 def quant_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | None, half: int | None,
@@ -114,7 +118,8 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
     kernel call for all of them when they tile alike (gpu.quant_matmul_many; in the nk layout on an
     H100/H200 hopper_nk.quant_matmul_many, when each would run that kernel alone, and for one row of int4).
     One row of int8 in the nk layout otherwise takes one pass over all of them (xla.row_matmul_many; not under
-    tensor parallelism, where its pieces would cut across shards). Otherwise one call each."""
+    tensor parallelism, where its pieces would cut across shards), and with ROW_PIECES so does a lone int8 matrix
+    that takes the row reduction. Otherwise one call each."""
     m, k = x.shape
     if backend in KERNEL_BACKENDS and len(mats) > 1 and not nk and gpu.supported_many(m, k, mats, half):
         outs = gpu.quant_matmul_many(x.astype(dtype), tuple(mats), half=half, interpret=KERNEL_BACKENDS[backend])
@@ -128,6 +133,10 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
         if (ROW_MANY and m <= ROW_MAX_ROWS and backend != "sharded" and mats[0][0].dtype == jnp.int8
                 and (ys := row_matmul_many(x, mats)) is not None):
             return [y.astype(dtype) for y in ys]
+    if (ROW_PIECES and nk and len(mats) == 1 and backend != "sharded" and mats[0][0].dtype == jnp.int8
+            and _nk_route(m, k, mats[0][0], mats[0][1], dtype, backend) == "row"
+            and (ys := row_matmul_many(x, mats, ROW_PIECES)) is not None):
+        return [ys[0].astype(dtype)]
     return [quant_linear(x, w, scale, zero, half, dtype, backend, nk) for w, scale, zero in mats]
 
 

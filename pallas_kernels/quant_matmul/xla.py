@@ -23,13 +23,14 @@ def row_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array | N
 MAX_PIECES = 16  # row_matmul_many cuts no matrix into more pieces than this (else each runs apart)
 
 
-def row_matmul_many(x: jax.Array, mats: list[tuple]) -> list[jax.Array] | None:
+def row_matmul_many(x: jax.Array, mats: list[tuple], piece: int | None = None) -> list[jax.Array] | None:
     """row_matmul of x by several nk matrices (w, scale, zero) of one K and group count (a layer's q/k/v) in one
-    pass over their weights: each matrix is cut into [P, K] pieces, P the largest size dividing every N, so
-    that all the row sums have one shape and XLA fuses them into one multi-output reduction, as it fuses
-    gate/up (alike already). None when P would cut a matrix into more than MAX_PIECES."""
-    p = math.gcd(*(scale.shape[1] for _, scale, _ in mats))
-    if any(scale.shape[1] // p > MAX_PIECES for _, scale, _ in mats):
+    pass over their weights: each matrix is cut into [P, K] pieces, P the largest size dividing every N (or
+    `piece`), so that all the row sums have one shape and XLA fuses them into one multi-output reduction, as it
+    fuses gate/up (alike already). None when P would cut a matrix into more than MAX_PIECES, or `piece` does not
+    divide every N."""
+    p = piece or math.gcd(*(scale.shape[1] for _, scale, _ in mats))
+    if any(scale.shape[1] % p or scale.shape[1] // p > MAX_PIECES for _, scale, _ in mats):
         return None
     outs = []
     for w, scale, zero in mats:
