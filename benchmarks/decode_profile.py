@@ -14,9 +14,9 @@ some buffer moved, which --pointers shows). Suffixes switch a path (VARIANTS): "
 as separate kernel calls, "-triton" keeps int4 at 17-64 rows off the Hopper kernel, "-kn" keeps the quantized
 kernels [in, out] (load_model picks the transposed nk layout on a Hopper GPU), "-rowapart" runs one row of q/k/v
 as before xla.row_matmul_many, "-pieces" cuts one row of int8 o_proj into [1024, K] pieces
-(quant_matmul.ROW_PIECES), "-unfused" runs as before the small-kernel fusions (rope by concatenation, a one-token
-KV write as a scatter, one row's K splits summed by a reduce). "one layer" lists a middle layer's kernels in
-launch order.
+(quant_matmul.ROW_PIECES), "-downpieces" int8 down_proj too (off hopper_nk's kernel), "-unfused" runs as before
+the small-kernel fusions (rope by concatenation, a one-token KV write as a scatter, one row's K splits summed by
+a reduce). "one layer" lists a middle layer's kernels in launch order.
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ VARIANTS = {
     "-rowapart": [(quant_matmul, "ROW_MANY", False),  # one row of q/k/v: a reduction or kernel call each
                   (quant_matmul, "ROW_MANY_INT4_KERNEL", False)],
     "-pieces": [(quant_matmul, "ROW_PIECES", 1024)],  # one row of int8 o_proj as four [1024, K] pieces
+    "-downpieces": [(quant_matmul, "ROW_PIECES", 1024),  # and int8 down_proj too, off hopper_nk's kernel
+                    (quant_matmul, "_row_kernel", lambda k, n, int4: k * n >= quant_matmul.ROW_KERNEL_INT4 if int4
+                     else n > quant_matmul.ROW_MAX_N)],
     "-unfused": [(layers, "apply_rope", _rope_by_concat),
                  (attention_gpu, "write_kv", _write_by_scatter),
                  (hopper_nk, "sum_splits", lambda partial, m: partial.sum(axis=0).T[:m])],
