@@ -125,7 +125,7 @@ def project_many(layers: list[nn.Module], x: jax.Array, x_scale: jax.Array | Non
 
     if not all(isinstance(layer, QuantDense) for layer in layers):
         if x_scale is not None and any(layer.use_bias for layer in layers):  # the bias is added inside: scale x
-            x, x_scale = (x * x_scale).astype(x.dtype), None
+            return [layer((x * x_scale).astype(x.dtype)) for layer in layers]
         return [scaled(layer(x)) for layer in layers]
     stored = [layer.weights(in_shape) for layer in layers]
     backend = "sharded" if tensor_parallel() else layers[0].backend  # the quantized kernels have no sharded form
