@@ -434,7 +434,7 @@ class ModelRunner:
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile every bucket now: the model's executables ahead of time (_compile_ahead), then
-        each bucket run once on an empty batch (its writes go to the dropped padding slot) with each sampler mode
+        each bucket run once on an empty batch (its writes go to the spare page) with each sampler mode
         (and, for prefill shapes, prompt logprobs); the persistent compilation cache makes a restart fast. With
         num_scheduler_steps > 1 each decode bucket's multi-step forms too, or, where multi_step_background(), on
         one background thread after warm-up returns (multi_step_ready, wait_for_multi_step)."""

@@ -121,6 +121,7 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
     tensor parallelism, where its pieces would cut across shards), and with ROW_PIECES so does a lone int8 matrix
     that takes the row reduction. Otherwise one call each."""
     m, k = x.shape
+    one_row_int8 = m <= ROW_MAX_ROWS and backend != "sharded" and mats[0][0].dtype == jnp.int8
     if backend in KERNEL_BACKENDS and len(mats) > 1 and not nk and gpu.supported_many(m, k, mats, half):
         outs = gpu.quant_matmul_many(x.astype(dtype), tuple(mats), half=half, interpret=KERNEL_BACKENDS[backend])
         return [y.astype(dtype) for y in outs]
@@ -130,10 +131,9 @@ def quant_linear_many(x: jax.Array, mats: list[tuple], half: int | None, dtype, 
                     and all(_nk_kernel_takes(m, k, s, dtype, backend) for _, s, _ in mats))
         if routes == {"kernel"} or one_call:
             return [y.astype(dtype) for y in hopper_nk.quant_matmul_many(x, tuple(mats))]
-        if (ROW_MANY and m <= ROW_MAX_ROWS and backend != "sharded" and mats[0][0].dtype == jnp.int8
-                and (ys := row_matmul_many(x, mats)) is not None):
+        if ROW_MANY and one_row_int8 and (ys := row_matmul_many(x, mats)) is not None:
             return [y.astype(dtype) for y in ys]
-    if (ROW_PIECES and nk and len(mats) == 1 and backend != "sharded" and mats[0][0].dtype == jnp.int8
+    if (ROW_PIECES and nk and len(mats) == 1 and one_row_int8
             and _nk_route(m, k, mats[0][0], mats[0][1], dtype, backend) == "row"
             and (ys := row_matmul_many(x, mats, ROW_PIECES)) is not None):
         return [ys[0].astype(dtype)]
